@@ -1,0 +1,7 @@
+"""``python -m adbackends``: see :mod:`adbackends.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

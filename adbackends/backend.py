@@ -1,0 +1,168 @@
+"""The :class:`Backend` base class: what every autodiff backend provides.
+
+A backend is an object with a name, a version, the two transforms ``jacrev``
+and ``vmap`` with torch.func's exact signatures, and capabilities that are
+probed rather than declared. Built-in backends and plugins subclass it alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
+
+from .probes import PROBES, Support, run_probe
+
+__all__ = ["CONTRACT_VERSION", "Backend"]
+
+#: The version of the backend contract documented in "Writing a plugin".
+#: A plugin declares the contract it was written for as ``Backend.contract``;
+#: the registry refuses one whose major contract differs.
+CONTRACT_VERSION = 1
+
+ArgNums = Union[int, Tuple[int, ...]]
+
+
+class Backend:
+    """An autodiff backend.
+
+    Subclasses set :attr:`name` (for plugins, the entry point's name is used
+    when it is left empty), implement :meth:`jacrev` and :meth:`vmap`, and may
+    override :meth:`load` to import what they need and :attr:`version`.
+
+    Capabilities are never taken on trust: :meth:`supports` runs the named
+    probe (once per process) against this backend's own transforms.
+
+    Examples
+    --------
+    >>> import torch, adbackends
+    >>> loop = adbackends.get("loop")
+    >>> loop.name
+    'loop'
+    >>> x = torch.tensor([0.0, 1.0])
+    >>> loop.jacrev(torch.sin)(x)
+    tensor([[1.0000, 0.0000],
+            [0.0000, 0.5403]])
+    >>> bool(loop.supports("custom_function"))
+    True
+    """
+
+    #: The backend's name, as used by ``use``, ``using`` and ``TAD_AD_BACKEND``.
+    name: str = ""
+    #: The backend contract this class was written for.
+    contract: ClassVar[int] = CONTRACT_VERSION
+    #: What to install when :meth:`load` fails; shown in error messages.
+    install_hint: ClassVar[str] = ""
+    #: Where the backend comes from: ``"built-in"``, or set by the registry
+    #: to ``"plugin"`` for entry points and ``"registered"`` for
+    #: :func:`adbackends.register`.
+    origin: str = "built-in"
+    #: The distribution that provides a plugin backend (``None`` for built-ins).
+    distribution: Optional[str] = None
+
+    def load(self) -> None:
+        """Import what the backend needs. Raise ``ImportError`` if it cannot load.
+
+        Called once, by the registry, before the backend is first handed out.
+        """
+
+    @property
+    def version(self) -> str:
+        """The version of the library that implements the transforms."""
+        import torch
+
+        return str(torch.__version__)
+
+    # -- the transforms -------------------------------------------------------
+
+    def jacrev(
+        self,
+        func: Callable[..., Any],
+        argnums: ArgNums = 0,
+        *,
+        has_aux: bool = False,
+        chunk_size: Optional[int] = None,
+        _preallocate_and_copy: bool = False,
+    ) -> Callable[..., Any]:
+        """Jacobian of ``func`` by reverse-mode autodiff, as ``torch.func.jacrev``."""
+        raise NotImplementedError(f"backend {self.name!r} does not implement jacrev")
+
+    def vmap(
+        self,
+        func: Callable[..., Any],
+        in_dims: Any = 0,
+        out_dims: Any = 0,
+        randomness: str = "error",
+        *,
+        chunk_size: Optional[int] = None,
+    ) -> Callable[..., Any]:
+        """Map ``func`` over a batch dimension, as ``torch.func.vmap``."""
+        raise NotImplementedError(f"backend {self.name!r} does not implement vmap")
+
+    def fjacrev(
+        self,
+        func: Callable[..., Any],
+        argnums: ArgNums = 0,
+        *,
+        has_aux: bool = False,
+        chunk_size: Optional[int] = None,
+        _preallocate_and_copy: bool = False,
+    ) -> Callable[..., Any]:
+        """The functorch-style ``jacrev``: native composable transforms.
+
+        This backend's own ``jacrev`` when it passes the ``transforms`` probe,
+        otherwise that of the best backend here that does.
+        """
+        return self.native().jacrev(
+            func,
+            argnums,
+            has_aux=has_aux,
+            chunk_size=chunk_size,
+            _preallocate_and_copy=_preallocate_and_copy,
+        )
+
+    def fvmap(
+        self,
+        func: Callable[..., Any],
+        in_dims: Any = 0,
+        out_dims: Any = 0,
+        randomness: str = "error",
+        *,
+        chunk_size: Optional[int] = None,
+    ) -> Callable[..., Any]:
+        """The functorch-style ``vmap``; resolved like :meth:`fjacrev`."""
+        return self.native().vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
+
+    def native(self) -> "Backend":
+        """The backend that serves :meth:`fjacrev` and :meth:`fvmap`.
+
+        Raises
+        ------
+        adbackends.BackendUnavailableError
+            When no backend here has native composable transforms.
+        """
+        if self.supports("transforms"):
+            return self
+        from .selection import native_backend
+
+        return native_backend()
+
+    # -- capabilities ---------------------------------------------------------
+
+    def supports(self, capability: str) -> Support:
+        """Whether the backend passes the probe named ``capability``.
+
+        The result is truthy or falsy like a ``bool`` and carries the reason
+        for a failure as ``.reason``. Probes run lazily, once per process.
+
+        Raises
+        ------
+        ValueError
+            For a capability name that has no probe.
+        """
+        return run_probe(self, capability)
+
+    def capabilities(self) -> Dict[str, Support]:
+        """Every probe's result for this backend, in a fixed order."""
+        return {cap: self.supports(cap) for cap in PROBES}
+
+    def __repr__(self) -> str:
+        return f"<adbackends backend {self.name!r} ({self.origin}, version {self.version})>"

@@ -1,0 +1,175 @@
+"""The command line: ``python -m adbackends`` (or ``adbackends``).
+
+``python -m adbackends`` prints the report: every backend with its origin,
+version, status and capabilities, and which backend is active and why.
+``--json`` prints the same as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["main", "report"]
+
+
+def report() -> Dict[str, Any]:
+    """Everything the report shows, as plain data (what ``--json`` prints)."""
+    import torch
+
+    from . import __version__
+    from .errors import BackendError
+    from .probes import PROBES
+    from .registry import REGISTRY
+    from .selection import ENV_VAR, REQUIRED, _choose, native_backend
+
+    backends: List[Dict[str, Any]] = []
+    for name in REGISTRY.names():
+        entry = REGISTRY.entry(name)
+        item: Dict[str, Any] = {
+            "name": name,
+            "origin": entry.origin,
+            "distribution": entry.distribution,
+            "distribution_version": entry.dist_version,
+        }
+        failure = REGISTRY.failure(name)
+        if failure is not None:
+            item.update(status="unavailable", reason=failure.reason, hint=failure.hint,
+                        version=None, capabilities={})
+        else:
+            backend = REGISTRY.get(name)
+            caps = backend.capabilities()
+            item.update(
+                status="ok",
+                reason=None,
+                hint=None,
+                version=backend.version,
+                capabilities={
+                    cap: {"ok": s.ok, "reason": s.reason} for cap, s in caps.items()
+                },
+            )
+        backends.append(item)
+
+    active: Dict[str, Any]
+    try:
+        choice = _choose()
+        active = {
+            "name": choice.backend.name,
+            "source": choice.source,
+            "reason": choice.reason,
+            "rejected": [{"name": n, "reason": r} for n, r in choice.rejected],
+            "error": None,
+        }
+    except BackendError as exc:
+        active = {"name": None, "source": None, "reason": None, "rejected": [],
+                  "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        served = choice.backend.native() if active["error"] is None else native_backend()
+        native: Dict[str, Any] = {"name": served.name, "error": None}
+    except BackendError as exc:
+        native = {"name": None, "error": str(exc)}
+
+    return {
+        "adbackends": __version__,
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "env": {ENV_VAR: os.environ.get(ENV_VAR)},
+        "required": list(REQUIRED),
+        "capabilities": {cap: probe.description for cap, probe in PROBES.items()},
+        "backends": backends,
+        "active": active,
+        "native": native,
+        "problems": REGISTRY.problems(),
+    }
+
+
+def _format(data: Dict[str, Any]) -> str:
+    ok, no = "\u2713", "\u2717"
+    env_value = data["env"]["TAD_AD_BACKEND"]
+    lines = [
+        f"adbackends {data['adbackends']}  (Python {data['python']}, torch {data['torch']})",
+        f"TAD_AD_BACKEND: {env_value!r}" if env_value is not None else "TAD_AD_BACKEND: not set",
+        "",
+        "Backends (automatic order):",
+    ]
+    for item in data["backends"]:
+        origin = item["origin"]
+        if item["distribution"]:
+            origin += f" from {item['distribution']}"
+            if item["distribution_version"]:
+                origin += f" {item['distribution_version']}"
+        if item["status"] == "ok":
+            lines.append(f"  {item['name']}  [{origin}]  version {item['version']}: ok")
+            for cap, res in item["capabilities"].items():
+                mark = ok if res["ok"] else no
+                why = "" if res["ok"] else f"  ({res['reason']})"
+                lines.append(f"      {mark} {cap}{why}")
+        else:
+            lines.append(f"  {item['name']}  [{origin}]: unavailable: {item['reason']}")
+            if item["hint"]:
+                lines.append(f"      fix: {item['hint']}")
+    lines.append("")
+    active = data["active"]
+    if active["error"]:
+        lines.append(f"Active backend: none. {active['error']}")
+    else:
+        lines.append(f"Active backend: {active['name']} (source: {active['source']})")
+        lines.append(f"  why: {active['reason']}")
+        for rej in active["rejected"]:
+            lines.append(f"  ruled out {rej['name']}: {rej['reason']}")
+    native = data["native"]
+    if native["error"]:
+        lines.append(f"fjacrev/fvmap: unavailable: {native['error']}")
+    else:
+        lines.append(f"fjacrev/fvmap: {native['name']}")
+    if data["problems"]:
+        lines.append("")
+        lines.append("Plugin problems:")
+        lines.extend(f"  {p}" for p in data["problems"])
+    return "\n".join(lines)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    data = report()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(_format(data))
+    return 0 if data["active"]["error"] is None else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adbackends",
+        description="Report the autodiff backends available here and which one is active.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=_cmd_report)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    rep = sub.add_parser("report", help="the backend report (the default command)")
+    rep.add_argument("--json", action="store_true", help="print the report as JSON")
+    rep.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except Exception as exc:  # one clear line instead of a traceback
+        from .errors import BackendError
+
+        if not isinstance(exc, BackendError):
+            raise
+        print(f"adbackends: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

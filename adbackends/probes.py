@@ -1,0 +1,328 @@
+"""Capability probes: tiny real computations checked against analytic answers.
+
+A probe answers one question about one backend ("can it take the Jacobian of a
+custom autograd.Function?") by doing exactly that on a few numbers and
+comparing with the closed-form result. Nothing is taken from a version number
+or from what a backend says about itself.
+
+Probes run lazily, at most once per backend and process (thread-safe), and are
+cached with the reason for a failure. A probe leaves no trace: the RNG state,
+grad mode, default dtype, deterministic-algorithms mode and warning filters are
+as they were before, and warnings raised inside a probe are not shown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, NamedTuple, Optional
+
+if TYPE_CHECKING:
+    from .backend import Backend
+
+__all__ = ["PROBES", "Support", "describe", "run_probe"]
+
+
+class Support(NamedTuple):
+    """The outcome of one probe; truthy when the capability is present.
+
+    Attributes
+    ----------
+    capability : str
+        The probe's name.
+    ok : bool
+        Whether the probe passed.
+    reason : str or None
+        Why it failed (``None`` when it passed).
+    """
+
+    capability: str
+    ok: bool
+    reason: Optional[str] = None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __repr__(self) -> str:
+        if self.ok:
+            return f"Support({self.capability!r}: yes)"
+        return f"Support({self.capability!r}: no, {self.reason})"
+
+
+class _Probe(NamedTuple):
+    description: str
+    check: Callable[["Backend"], None]
+
+
+_LOCK = threading.RLock()
+_CACHE_ATTR = "_adbackends_probe_cache"
+
+
+def run_probe(backend: "Backend", capability: str) -> Support:
+    """Run (or recall) the probe ``capability`` for ``backend``."""
+    cache: Optional[Dict[str, Support]] = backend.__dict__.get(_CACHE_ATTR)
+    if cache is not None and capability in cache:
+        return cache[capability]
+    if capability not in PROBES:
+        valid = ", ".join(repr(c) for c in PROBES)
+        raise ValueError(f"unknown capability {capability!r}; valid capabilities: {valid}")
+    with _LOCK:
+        cache = backend.__dict__.setdefault(_CACHE_ATTR, {})
+        if capability not in cache:
+            cache[capability] = _run_uncached(backend, capability)
+        return cache[capability]
+
+
+def describe(capability: str) -> str:
+    """One line saying what the probe ``capability`` checks."""
+    return PROBES[capability].description
+
+
+def _run_uncached(backend: "Backend", capability: str) -> Support:
+    import logging
+
+    log = logging.getLogger("adbackends")
+    try:
+        with _pristine():
+            PROBES[capability].check(backend)
+    except Exception as exc:  # a failing probe is a result, not an error
+        reason = _one_line(exc)
+        log.debug("probe %s on backend %r failed: %s", capability, backend.name, reason)
+        return Support(capability, False, reason)
+    log.debug("probe %s on backend %r passed", capability, backend.name)
+    return Support(capability, True, None)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0].strip() if text else ""
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _pristine() -> Iterator[None]:
+    """Run a probe in a fixed state and put every global setting back after."""
+    import torch
+
+    cpu_rng = torch.random.get_rng_state()
+    cuda_rng = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda_rng = torch.cuda.get_rng_state_all()
+    grad = torch.is_grad_enabled()
+    dtype = torch.get_default_dtype()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only_fn = getattr(torch, "is_deterministic_algorithms_warn_only_enabled", None)
+    warn_only = warn_only_fn() if warn_only_fn is not None else False
+    try:
+        # catch_warnings restores the filters and keeps probe warnings (such
+        # as functorch's deprecation notice) away from the user.
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("ignore")
+            with torch.inference_mode(False):
+                torch.set_grad_enabled(True)
+                yield
+    finally:
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(dtype)
+        if warn_only_fn is not None:
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        else:
+            torch.use_deterministic_algorithms(deterministic)
+        torch.random.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+# -- the probes ----------------------------------------------------------------
+
+
+def _close(actual: Any, expected: Any, what: str) -> None:
+    import torch
+
+    if not isinstance(actual, torch.Tensor):
+        raise AssertionError(f"{what}: expected a tensor, got {type(actual).__name__}")
+    if actual.shape != expected.shape:
+        raise AssertionError(
+            f"{what}: expected shape {tuple(expected.shape)}, got {tuple(actual.shape)}"
+        )
+    if not torch.allclose(actual, expected, rtol=1e-10, atol=1e-12):
+        raise AssertionError(f"{what}: wrong values")
+
+
+def _inputs() -> Any:
+    import torch
+
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    xs = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.25, -3.0]], dtype=torch.float64)
+    return x, xs
+
+
+_FUNCTIONS: Dict[str, Any] = {}
+
+
+def _cube_functions() -> Dict[str, Any]:
+    """x**3 as custom autograd Functions, built once for the installed torch."""
+    if _FUNCTIONS:
+        return _FUNCTIONS
+    import torch
+
+    class LegacyCube(torch.autograd.Function):
+        """ctx-style: ``forward(ctx, x)``."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any) -> Any:  # type: ignore[override]
+            ctx.save_for_backward(x)
+            return x**3
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:  # type: ignore[override]
+            (x,) = ctx.saved_tensors
+            return grad * 3 * x**2
+
+    _FUNCTIONS["legacy"] = LegacyCube.apply
+
+    if hasattr(torch.autograd.Function, "setup_context"):
+
+        class Cube(torch.autograd.Function):
+            """setup_context style with an explicit vmap rule (torch >= 2.0)."""
+
+            @staticmethod
+            def forward(x: Any) -> Any:  # type: ignore[override]
+                return x**3
+
+            @staticmethod
+            def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+                ctx.save_for_backward(inputs[0])
+
+            @staticmethod
+            def backward(ctx: Any, grad: Any) -> Any:  # type: ignore[override]
+                (x,) = ctx.saved_tensors
+                return grad * 3 * x**2
+
+            @staticmethod
+            def vmap(info: Any, in_dims: Any, x: Any) -> Any:
+                return Cube.apply(x), in_dims[0]
+
+        _FUNCTIONS["modern"] = Cube.apply
+    else:
+        # Before torch 2.0 the ctx style is the only way to write a Function.
+        _FUNCTIONS["modern"] = LegacyCube.apply
+    return _FUNCTIONS
+
+
+def _check_cube(backend: "Backend", cube: Callable[[Any], Any]) -> None:
+    import torch
+
+    x, xs = _inputs()
+    _close(backend.jacrev(cube)(x), torch.diag(3 * x**2), "jacrev")
+    _close(backend.vmap(cube)(xs), xs**3, "vmap")
+    _close(
+        backend.vmap(backend.jacrev(cube))(xs),
+        torch.diag_embed(3 * xs**2),
+        "vmap(jacrev)",
+    )
+
+
+def _probe_custom_function(backend: "Backend") -> None:
+    _check_cube(backend, _cube_functions()["modern"])
+
+
+def _probe_legacy_function(backend: "Backend") -> None:
+    _check_cube(backend, _cube_functions()["legacy"])
+
+
+def _probe_transforms(backend: "Backend") -> None:
+    import torch
+
+    _, xs = _inputs()
+    calls = []
+
+    def f(x: Any) -> Any:
+        calls.append(None)
+        return x.sin()
+
+    _close(backend.vmap(f)(xs), xs.sin(), "vmap")
+    if len(calls) != 1:
+        raise AssertionError(
+            f"vmap called the function {len(calls)} times for a batch of "
+            f"{xs.shape[0]}: it loops instead of vectorising"
+        )
+    _close(backend.vmap(backend.jacrev(torch.sin))(xs), torch.diag_embed(xs.cos()), "vmap(jacrev)")
+
+
+def _probe_higher_order(backend: "Backend") -> None:
+    import torch
+
+    x, _ = _inputs()
+    hessian = backend.jacrev(backend.jacrev(lambda t: t.sin().sum()))(x)
+    _close(hessian, torch.diag(-x.sin()), "jacrev(jacrev)")
+    # An inner transform over a closure of the outer variable must not
+    # differentiate through it (perturbation confusion): d/dx [x] = I.
+    nested = backend.jacrev(lambda u: backend.jacrev(lambda v: (u * v).sum())(u))(x)
+    _close(nested, torch.eye(3, dtype=x.dtype), "nested jacrev over a closure")
+
+
+def _probe_chunk_size(backend: "Backend") -> None:
+    import torch
+
+    x, xs = _inputs()
+    _close(backend.jacrev(torch.sin, chunk_size=1)(x), torch.diag(x.cos()), "jacrev(chunk_size=1)")
+    _close(backend.jacrev(torch.sin, chunk_size=2)(x), torch.diag(x.cos()), "jacrev(chunk_size=2)")
+    _close(backend.vmap(torch.sin, chunk_size=1)(xs), xs.sin(), "vmap(chunk_size=1)")
+
+
+def _probe_randomness(backend: "Backend") -> None:
+    import torch
+
+    base = torch.zeros(4, dtype=torch.float64)
+
+    def noisy(x: Any) -> Any:
+        return x + torch.rand((), dtype=torch.float64)
+
+    same = backend.vmap(noisy, randomness="same")(base)
+    if not bool((same == same[0]).all()):
+        raise AssertionError("randomness='same' gave different draws per sample")
+    different = backend.vmap(noisy, randomness="different")(base)
+    if len(set(different.tolist())) != len(different):
+        raise AssertionError("randomness='different' repeated a draw")
+    try:
+        backend.vmap(noisy, randomness="error")(base)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("randomness='error' did not raise on a random operation")
+
+
+#: Every probe, in report order: name -> what it checks.
+PROBES: Dict[str, _Probe] = {
+    "custom_function": _Probe(
+        "a setup_context-style autograd.Function with a vmap rule (ctx style "
+        "before torch 2.0) under jacrev, vmap and vmap(jacrev)",
+        _probe_custom_function,
+    ),
+    "legacy_function": _Probe(
+        "a ctx-style autograd.Function (forward(ctx, x)) under jacrev, vmap "
+        "and vmap(jacrev)",
+        _probe_legacy_function,
+    ),
+    "transforms": _Probe(
+        "native composable transforms: vmap calls the function once for a "
+        "whole batch, and vmap(jacrev) works",
+        _probe_transforms,
+    ),
+    "higher_order": _Probe(
+        "jacrev(jacrev(f)) gives the Hessian, without perturbation confusion",
+        _probe_higher_order,
+    ),
+    "chunk_size": _Probe(
+        "jacrev and vmap accept chunk_size and give identical results",
+        _probe_chunk_size,
+    ),
+    "randomness": _Probe(
+        "vmap honours randomness='same', 'different' and 'error'",
+        _probe_randomness,
+    ),
+}
