@@ -153,7 +153,28 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="the backend report (the default command)")
     rep.add_argument("--json", action="store_true", help="print the report as JSON")
     rep.set_defaults(func=_cmd_report)
+
+    check = sub.add_parser("check", help="run the conformance kit against a backend")
+    check.add_argument("name", help="the backend to check, e.g. loop or a plugin's name")
+    check.add_argument("--json", action="store_true", help="print the results as JSON")
+    check.set_defaults(func=_cmd_check)
+
+    bench = sub.add_parser("bench", help="time every backend's jacrev and vmap here")
+    bench.add_argument("--json", action="store_true", help="print the table as JSON")
+    bench.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .testing import cli_check
+
+    return int(cli_check(args))
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import cli_bench
+
+    return int(cli_bench(args))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
