@@ -5,21 +5,37 @@ Built-in names resolve without touching package metadata; installed plugins
 are read from the ``adbackends.backends`` entry point group the first time a
 name is not a built-in, when every name is listed, or after :func:`refresh`.
 A backend is instantiated and loaded once and then cached, and so is a
-failure, with its reason.
+failure, with its reason and the underlying exception chained.
+
+Reading plugins is a pipeline of small steps, each of which never raises for
+a broken plugin:
+
+1. :func:`_read_entry_points` lists every distribution's entry points in the
+   group (a distribution whose metadata cannot be read becomes a problem);
+2. :func:`_sort_entries` drops names that can never be selected (built-in
+   names, ``auto``, names with commas), merges identical duplicates, and sets
+   aside names that two distributions claim;
+3. loading (:meth:`Registry.get`) checks the object: a Backend, written for
+   this contract, implementing the transforms, with honest capabilities.
+
+Every problem is logged once per process (logger ``adbackends``, level
+WARNING) and listed by :meth:`Registry.problems`, naming the distribution and
+the cause.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 import threading
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 from .backend import CONTRACT_VERSION, Backend
 from .errors import BackendUnavailableError, PluginError, UnknownBackendError
 
-__all__ = ["AUTO", "AUTO_ORDER", "ENTRY_POINT_GROUP", "REGISTRY", "Registry"]
+__all__ = ["AUTO", "AUTO_ORDER", "ENTRY_POINT_GROUP", "REGISTRY", "Entry", "Registry"]
 
 log = logging.getLogger("adbackends")
 
@@ -36,17 +52,44 @@ _BUILTINS: Dict[str, str] = {
 }
 AUTO_ORDER: Tuple[str, ...] = tuple(_BUILTINS)
 
+#: Methods a backend outside this package may not override: capabilities are
+#: established by running the probes, never by what a backend says.
+_PROBED_METHODS = ("supports", "capabilities")
+
 Factory = Callable[[], Backend]
 
 
 class Entry(NamedTuple):
-    """What the registry knows about one name before loading it."""
+    """What the registry knows about one name before loading it.
+
+    Attributes
+    ----------
+    name : str
+        The backend's name.
+    origin : str
+        ``"built-in"``, ``"plugin"`` or ``"registered"``.
+    target : str, EntryPoint or object
+        ``"module:attr"`` for built-ins, the entry point for plugins, the
+        object given to :meth:`Registry.register` otherwise.
+    distribution : str or None
+        The distribution that declares a plugin.
+    dist_version : str or None
+        That distribution's version.
+    """
 
     name: str
-    origin: str  # "built-in", "plugin" or "registered"
-    target: Union[str, Any]  # "module:attr", an EntryPoint, or a factory
+    origin: str
+    target: Union[str, Any]
     distribution: Optional[str] = None
     dist_version: Optional[str] = None
+
+    @property
+    def value(self) -> str:
+        """The ``module:attr`` an entry point names (``""`` when it is not one)."""
+        target = self.target
+        if isinstance(target, str):
+            return target
+        return str(getattr(target, "value", ""))
 
 
 class Registry:
@@ -60,7 +103,7 @@ class Registry:
         self._problems: List[str] = []
         self._loaded: Dict[str, Backend] = {}
         self._failed: Dict[str, BackendUnavailableError] = {}
-        self._reported: set = set()
+        self._reported: Set[str] = set()
 
     # -- names ----------------------------------------------------------------
 
@@ -72,7 +115,16 @@ class Registry:
             return list(_BUILTINS) + sorted(extra - set(_BUILTINS))
 
     def entry(self, name: str) -> Entry:
-        """The :class:`Entry` for ``name``; scans entry points only if needed."""
+        """The :class:`Entry` for ``name``; scans entry points only if needed.
+
+        A name that two distributions claim gives the first of them; loading
+        it fails with an error naming both.
+
+        Raises
+        ------
+        UnknownBackendError
+            When no backend has that name.
+        """
         if name in _BUILTINS:
             return Entry(name, "built-in", _BUILTINS[name])
         with self._lock:
@@ -83,19 +135,28 @@ class Registry:
                 return plugins[name]
             if name in self._conflicts:
                 return self._conflicts[name][0]
-        raise UnknownBackendError(name, self.names() + [AUTO])
+        raise UnknownBackendError(name, [*self.names(), AUTO])
 
     # -- loading --------------------------------------------------------------
 
     def get(self, name: str, source: str = "") -> Backend:
         """The loaded backend called ``name``.
 
+        Parameters
+        ----------
+        name : str
+            The backend's name.
+        source : str
+            Where the name came from, for error messages (``"use()"``, ...).
+
         Raises
         ------
         UnknownBackendError
             When no backend has that name.
         BackendUnavailableError
-            When it exists but does not load here (the cause is chained).
+            When it exists but does not load here. For a plugin it is a
+            :class:`~adbackends.PluginError` naming the distribution, and the
+            exception that made loading fail is its ``__cause__``.
         """
         if not isinstance(name, str):
             raise TypeError(
@@ -108,27 +169,23 @@ class Registry:
         with self._lock:
             if name in self._loaded:
                 return self._loaded[name]
-            if name in self._failed:
-                raise self._failed[name]
+            failed = self._failed.get(name)
+            if failed is not None:
+                # A fresh traceback each time; the chained cause is kept.
+                raise failed.with_traceback(None)
             try:
                 entry = self.entry(name)
             except UnknownBackendError as exc:
                 raise UnknownBackendError(name, exc.valid, source) from None
             if name in self._conflicts:
-                dists = " and ".join(repr(e.distribution) for e in self._conflicts[name])
-                err: BackendUnavailableError = PluginError(
-                    name,
-                    f"two installed distributions declare a backend of this name: {dists}",
-                    self._conflicts[name][0].distribution or "?",
-                    "Uninstall one of them",
-                )
+                err: BackendUnavailableError = _conflict_error(name, self._conflicts[name])
                 self._failed[name] = err
                 raise err
             try:
                 backend = self._instantiate(entry)
             except BackendUnavailableError as exc:
                 self._failed[name] = exc
-                self._report(name, str(exc))
+                self._report(f"load:{name}:{entry.distribution}:{exc.reason}", str(exc))
                 raise
             self._loaded[name] = backend
             log.debug("loaded backend %r (%s)", name, entry.origin)
@@ -149,28 +206,21 @@ class Registry:
     def _instantiate(self, entry: Entry) -> Backend:
         hint = ""
         try:
-            obj = self._resolve_target(entry)
+            obj = _resolve_target(entry)
             backend = _make_backend(obj, entry)
-            hint = getattr(backend, "install_hint", "")
+            hint = str(getattr(type(backend), "install_hint", "") or "")
             backend.load()
+            _check_loaded(backend, entry)
         except BackendUnavailableError:
             raise
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+        except (Exception, SystemExit) as exc:  # a plugin may even call sys.exit()
+            reason = _describe(exc)
             if entry.origin == "plugin":
-                raise PluginError(entry.name, reason, entry.distribution or "?", hint) from exc
+                raise PluginError(
+                    entry.name, reason, entry.distribution or "?", hint or _hint(entry)
+                ) from exc
             raise BackendUnavailableError(entry.name, reason, hint or _hint(entry)) from exc
         return backend
-
-    @staticmethod
-    def _resolve_target(entry: Entry) -> Any:
-        target = entry.target
-        if isinstance(target, str):
-            module, _, attr = target.partition(":")
-            return getattr(importlib.import_module(module), attr)
-        if hasattr(target, "load") and hasattr(target, "group"):  # an EntryPoint
-            return target.load()
-        return target
 
     # -- plugins --------------------------------------------------------------
 
@@ -181,14 +231,22 @@ class Registry:
         ----------
         name : str
             The name to select it by. Built-in names and ``"auto"`` are refused.
+            A registered name takes precedence over a plugin of the same name.
         factory : Backend subclass, Backend instance, or callable
             Called with no arguments to make the backend (an instance is used
-            as it is).
+            as it is). It is checked when first loaded, like a plugin.
         replace : bool
             Allow replacing an earlier registration of the same name.
+
+        Raises
+        ------
+        ValueError
+            For a name that cannot be selected, a built-in name, or a name
+            already registered (without ``replace=True``).
         """
-        if not isinstance(name, str) or not name.strip() or "," in name:
-            raise ValueError(f"a backend name must be a non-empty str without commas, got {name!r}")
+        why = _bad_name(name)
+        if why:
+            raise ValueError(f"a backend name must be {why}, got {name!r}")
         if name in _BUILTINS or name == AUTO:
             raise ValueError(f"{name!r} is reserved for a built-in backend; choose another name")
         with self._lock:
@@ -210,13 +268,42 @@ class Registry:
             self._failed.pop(name, None)
 
     def problems(self) -> List[str]:
-        """Problems found with installed plugins, one line each."""
+        """Problems with installed plugins, one line each, naming the distribution.
+
+        They are: distributions whose metadata cannot be read, names that can
+        never be selected (a built-in's name, ``auto``), names claimed by two
+        distributions, plugins that were tried and did not load, and claimed
+        capabilities (``Backend.claims``) that the probes refute for plugins
+        already loaded. Nothing is loaded to answer; claimed probes of loaded
+        plugins are run (once per process).
+        """
         with self._lock:
             self._scan()
-            return list(self._problems)
+            found = list(self._problems)
+            for name, err in sorted(self._failed.items()):
+                entry = self._plugins.get(name) if self._plugins is not None else None
+                if entry is not None and name not in self._registered:
+                    found.append(f"plugin {name!r} does not load: {err.reason}")
+            loaded = sorted(self._loaded.items())
+        for name, backend in loaded:
+            if backend.origin == "built-in":
+                continue
+            for cap in _claims(backend):
+                support = backend.supports(cap)
+                if not support:
+                    text = (
+                        f"{_describe_backend(backend)} claims capability {cap!r}, but its "
+                        f"probe fails: {support.reason}"
+                    )
+                    self._report(f"claim:{name}:{backend.distribution}:{cap}", text)
+                    found.append(text)
+        return found
 
     def refresh(self) -> None:
-        """Forget the entry point scan and every plugin load, so new installs are seen."""
+        """Forget the entry point scan and every plugin load, so new installs are seen.
+
+        Problems already logged are not logged again.
+        """
         with self._lock:
             self._plugins = None
             self._conflicts = {}
@@ -229,46 +316,22 @@ class Registry:
     def _scan(self) -> Dict[str, Entry]:
         if self._plugins is not None:
             return self._plugins
-        plugins: Dict[str, Entry] = {}
-        conflicts: Dict[str, List[Entry]] = {}
-        for ep in _entry_points():
-            dist = getattr(ep, "dist", None)
-            entry = Entry(
-                ep.name,
-                "plugin",
-                ep,
-                getattr(dist, "name", None),
-                getattr(dist, "version", None),
-            )
-            if ep.name in _BUILTINS or ep.name == AUTO:
-                self._problem(
-                    f"plugin {ep.name!r} from distribution {entry.distribution!r} claims "
-                    f"a built-in name and is ignored"
-                )
-                continue
-            seen = plugins.get(ep.name)
-            if seen is None:
-                if ep.name in conflicts:
-                    conflicts[ep.name].append(entry)
-                else:
-                    plugins[ep.name] = entry
-                continue
-            if (seen.distribution, seen.target.value) == (entry.distribution, ep.value):
-                continue  # the same distribution seen twice (a lib/lib64 link)
-            conflicts[ep.name] = [plugins.pop(ep.name), entry]
-            self._problem(
-                f"plugin {ep.name!r} is declared by two distributions, "
-                f"{seen.distribution!r} and {entry.distribution!r}; neither is used"
+        entries, problems = _read_entry_points()
+        plugins, conflicts, more = _sort_entries(entries)
+        problems.extend(more)
+        for name in sorted(set(plugins) & set(self._registered)):
+            problems.append(
+                f"plugin {name!r} from distribution {plugins[name].distribution!r} is "
+                f"shadowed by a backend registered with adbackends.register()"
             )
         self._plugins = plugins
         self._conflicts = conflicts
+        self._problems = problems
+        for text in problems:
+            self._report(text, text)
         if plugins:
             log.debug("found plugins: %s", ", ".join(sorted(plugins)))
         return plugins
-
-    def _problem(self, text: str) -> None:
-        self._problems.append(text)
-        self._report(text, text)
 
     def _report(self, key: str, text: str) -> None:
         """Log a problem once per process."""
@@ -283,36 +346,192 @@ class Registry:
             self.__init__()  # type: ignore[misc]
 
 
+# -- reading and sorting entry points ------------------------------------------
+
+
+def _distributions() -> List[Any]:
+    if sys.version_info >= (3, 10):
+        from importlib.metadata import distributions
+    else:  # the backport gives the same API, and the dist attribute, on 3.8/3.9
+        from importlib_metadata import distributions
+    return list(distributions())
+
+
+def _normalize(name: str) -> str:
+    """A distribution name as PEP 503 compares them."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _read_entry_points() -> Tuple[List[Entry], List[str]]:
+    """Every ``adbackends.backends`` entry point installed, and unreadable distributions.
+
+    A distribution found on two ``sys.path`` entries (a lib/lib64 link, a
+    second site directory) counts once: the first, as for ``import``.
+    """
+    entries: List[Entry] = []
+    problems: List[str] = []
+    seen: Set[str] = set()
+    try:
+        dists = _distributions()
+    except Exception as exc:  # a broken metadata finder must not break the registry
+        return [], [f"cannot list installed distributions: {_describe(exc)}"]
+    for dist in dists:
+        try:
+            eps = [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
+        except Exception as exc:
+            problems.append(
+                f"distribution {_label(dist)!r} has unreadable entry points and is "
+                f"ignored: {_describe(exc)}"
+            )
+            continue
+        if not eps:
+            continue
+        label = _label(dist)
+        key = _normalize(label)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            version: Optional[str] = str(dist.version)
+        except Exception:
+            version = None
+        for ep in eps:
+            entries.append(Entry(ep.name, "plugin", ep, label, version))
+    return entries, problems
+
+
+def _label(dist: Any) -> str:
+    """A distribution's name, or where it is when its metadata has none."""
+    try:
+        name = dist.metadata["Name"]
+    except Exception:
+        name = None
+    if name:
+        return str(name)
+    path = getattr(dist, "_path", None)
+    return f"<distribution without a name at {path}>" if path else "<unnamed distribution>"
+
+
+def _sort_entries(
+    entries: List[Entry],
+) -> Tuple[Dict[str, Entry], Dict[str, List[Entry]], List[str]]:
+    """Split entries into usable plugins, conflicting names, and problems.
+
+    Entries that agree on distribution and target are one entry. A name from
+    two or more distributions is a conflict: none of them is used, and
+    selecting the name raises an error naming all of them.
+    """
+    by_name: Dict[str, List[Entry]] = {}
+    problems: List[str] = []
+    for entry in entries:
+        why = _bad_name(entry.name)
+        if why:
+            problems.append(
+                f"plugin {entry.name!r} from distribution {entry.distribution!r} is "
+                f"ignored: its name must be {why}"
+            )
+            continue
+        if entry.name in _BUILTINS or entry.name == AUTO:
+            problems.append(
+                f"plugin {entry.name!r} from distribution {entry.distribution!r} claims "
+                f"the name of a built-in backend and is ignored; the built-in is used"
+            )
+            continue
+        same = by_name.setdefault(entry.name, [])
+        if any((e.distribution, e.value) == (entry.distribution, entry.value) for e in same):
+            continue  # the same declaration seen twice
+        same.append(entry)
+    plugins: Dict[str, Entry] = {}
+    conflicts: Dict[str, List[Entry]] = {}
+    for name, found in by_name.items():
+        dists = {e.distribution for e in found}
+        if len(found) == 1:
+            plugins[name] = found[0]
+        elif len(dists) == 1:
+            # One distribution declaring one name twice: ambiguous, say so.
+            conflicts[name] = found
+            problems.append(
+                f"plugin {name!r} is declared more than once by distribution "
+                f"{found[0].distribution!r} ({', '.join(e.value for e in found)}); "
+                f"it is not used"
+            )
+        else:
+            conflicts[name] = found
+            problems.append(
+                f"plugin {name!r} is declared by {len(found)} distributions, "
+                f"{_names(found)}; none of them is used"
+            )
+    return plugins, conflicts, problems
+
+
+def _names(entries: List[Entry]) -> str:
+    quoted = [repr(e.distribution) for e in entries]
+    return ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def _conflict_error(name: str, entries: List[Entry]) -> PluginError:
+    if len({e.distribution for e in entries}) == 1:
+        reason = (
+            f"distribution {entries[0].distribution!r} declares it more than once "
+            f"({', '.join(e.value for e in entries)})"
+        )
+        hint = "Fix the distribution's entry points"
+    else:
+        reason = f"{len(entries)} installed distributions declare a backend of this name: " + (
+            _names(entries)
+        )
+        hint = "Uninstall all of them but one"
+    return PluginError(name, reason, entries[0].distribution or "?", hint)
+
+
+def _bad_name(name: Any) -> str:
+    """Why ``name`` cannot be a backend name ("" when it can)."""
+    if not isinstance(name, str) or not name.strip():
+        return "a non-empty str"
+    if name != name.strip() or "," in name:
+        return "a str without commas or surrounding spaces (names are split on commas)"
+    return ""
+
+
+# -- making and checking backend objects ---------------------------------------
+
+
+def _resolve_target(entry: Entry) -> Any:
+    target = entry.target
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    if hasattr(target, "load") and hasattr(target, "group"):  # an EntryPoint
+        return target.load()
+    return target
+
+
 def _make_backend(obj: Any, entry: Entry) -> Backend:
-    if isinstance(obj, Backend):
-        backend = obj
-    elif isinstance(obj, type) and issubclass(obj, Backend):
+    """The backend an entry point's object stands for, checked against the contract."""
+    if isinstance(obj, type) and issubclass(obj, Backend):
+        _check_contract(getattr(obj, "contract", None), entry)
         backend = obj()
+    elif isinstance(obj, Backend):
+        backend = obj
     elif callable(obj) and not isinstance(obj, type):
         backend = obj()
         if not isinstance(backend, Backend):
             raise TypeError(
-                f"the factory for {entry.name!r} returned {type(backend).__name__}, "
-                f"not an adbackends.Backend"
+                f"the factory {_qualname(obj)} for {entry.name!r} returned "
+                f"{type(backend).__name__}, not an adbackends.Backend"
             )
     else:
         raise TypeError(
-            f"{entry.name!r} points to {obj!r}, which is neither an adbackends.Backend "
-            f"subclass nor a factory returning one"
+            f"{entry.value or entry.name!r} is {_qualname(obj)}, which is neither an "
+            f"adbackends.Backend subclass nor a zero-argument factory returning a Backend"
         )
-    contract = getattr(backend, "contract", None)
-    if contract != CONTRACT_VERSION:
-        raise TypeError(
-            f"backend {entry.name!r} was written for backend contract {contract!r}, but "
-            f"this adbackends implements contract {CONTRACT_VERSION}; upgrade the plugin "
-            f"or adbackends so that they match"
-        )
+    _check_contract(getattr(backend, "contract", None), entry)
     if not backend.name:
         backend.name = entry.name
     elif backend.name != entry.name:
         raise TypeError(
             f"backend object calls itself {backend.name!r} but is registered as "
-            f"{entry.name!r}; the two must agree"
+            f"{entry.name!r}; the two must agree (or leave Backend.name empty)"
         )
     if entry.origin != "built-in":
         backend.origin = entry.origin
@@ -320,18 +539,102 @@ def _make_backend(obj: Any, entry: Entry) -> Backend:
     return backend
 
 
+def _check_contract(contract: Any, entry: Entry) -> None:
+    if (
+        isinstance(contract, int)
+        and not isinstance(contract, bool)
+        and (contract == CONTRACT_VERSION)
+    ):
+        return
+    raise TypeError(
+        f"backend {entry.name!r} was written for backend contract {contract!r}, but "
+        f"this adbackends implements contract {CONTRACT_VERSION}; install a version of "
+        f"the plugin written for contract {CONTRACT_VERSION}, or an adbackends that "
+        f"implements contract {contract!r}"
+    )
+
+
+def _check_plugin_class(cls: type, entry: Entry) -> None:
+    for method in ("jacrev", "vmap"):
+        if getattr(cls, method, None) is getattr(Backend, method):
+            raise TypeError(
+                f"backend class {_qualname(cls)} does not implement {method}(); a backend "
+                f"must provide both jacrev and vmap"
+            )
+    for method in _PROBED_METHODS:
+        if getattr(cls, method, None) is not getattr(Backend, method):
+            raise TypeError(
+                f"backend class {_qualname(cls)} overrides {method}(), but capabilities "
+                f"are established by adbackends' probes, not by the backend; remove the "
+                f"override and list what the backend should support in Backend.claims"
+            )
+    _claims_of(cls)
+
+
+def _claims_of(obj: Any) -> Tuple[str, ...]:
+    """A backend's declared claims, checked to be known capability names."""
+    from .probes import PROBES
+
+    claims = getattr(obj, "claims", ())
+    if isinstance(claims, str) or not isinstance(claims, (tuple, list, frozenset, set)):
+        raise TypeError(
+            f"Backend.claims must be a tuple of capability names such as "
+            f"('custom_function',), got {claims!r}"
+        )
+    unknown = [c for c in claims if c not in PROBES]
+    if unknown:
+        valid = ", ".join(repr(c) for c in PROBES)
+        raise TypeError(f"Backend.claims names unknown capabilities {unknown!r}; valid: {valid}")
+    return tuple(claims)
+
+
+def _claims(backend: Backend) -> Tuple[str, ...]:
+    try:
+        return _claims_of(backend)
+    except TypeError:
+        return ()
+
+
+def _check_loaded(backend: Backend, entry: Entry) -> None:
+    """After ``load()``: the transforms exist, capabilities are left to the probes,
+    and the version (shown in the report) is a str."""
+    if entry.origin != "built-in":
+        _check_plugin_class(type(backend), entry)
+    version = backend.version
+    if not isinstance(version, str):
+        raise TypeError(
+            f"backend {entry.name!r} gives version {version!r}; Backend.version must be a str"
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        text = str(exc).strip().splitlines()
+    except Exception:  # an exception whose str() fails still has a type
+        text = []
+    first = text[0].strip() if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _describe_backend(backend: Backend) -> str:
+    if backend.distribution:
+        return f"plugin {backend.name!r} from distribution {backend.distribution!r}"
+    return f"backend {backend.name!r} ({backend.origin})"
+
+
+def _qualname(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    name = getattr(obj, "__qualname__", None)
+    if name:
+        return f"{getattr(obj, '__module__', '?')}.{name}"
+    return f"a {type(obj).__name__} object"
+
+
 def _hint(entry: Entry) -> str:
     if entry.origin == "plugin" and entry.distribution:
         return f"Reinstall or update the distribution {entry.distribution!r}"
     return ""
-
-
-def _entry_points() -> List[Any]:
-    if sys.version_info >= (3, 10):
-        from importlib.metadata import entry_points
-    else:  # the selectable API arrived in Python 3.10
-        from importlib_metadata import entry_points
-    return list(entry_points(group=ENTRY_POINT_GROUP))
 
 
 #: The process-wide registry.

@@ -234,6 +234,8 @@ def _from_env(raw: str) -> Choice:
     with _lock:
         names = [part.strip() for part in raw.split(",") if part.strip()]
         source = f"{ENV_VAR}={raw.strip()!r}"
+        if not names:  # only commas and blanks: as good as unset
+            return _auto()
         if len(names) == 1:
             if names[0] == AUTO:
                 auto = _auto()

@@ -1,0 +1,376 @@
+"""``jacrev`` for the loop backend: one ``torch.autograd.grad`` call per row.
+
+The Jacobian of every output with respect to every differentiated input is
+built row by row. Each row is a vector-Jacobian product with a one-hot
+cotangent; the cotangents are views into one buffer of ``2 m - 1`` numbers
+(a single one among zeros), so no ``m x m`` identity is ever built and no
+kernel runs per row to make a seed.
+
+Nesting works like ``torch.autograd.functional``: each level differentiates
+a fresh tensor of its own (a new leaf, or a new view when the argument is
+already part of an outer graph), so an inner level never differentiates an
+outer level's variable (no perturbation confusion). A level keeps its graph
+(``create_graph``) only when the result must stay differentiable: grad mode
+is on outside the transform and the outputs reach a tensor that requires
+grad and is not this level's own input (an outer level's variable, or a
+parameter the function closes over). This mirrors when torch.func's results
+require grad.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Set, Tuple, Union
+
+__all__ = ["jacrev"]
+
+ArgNums = Union[int, Tuple[int, ...]]
+
+
+# -- argument checks, with torch.func's exception types and messages -----------
+
+
+def check_chunk_size_type(chunk_size: Any, api: str) -> None:
+    """Reject a ``chunk_size`` that passed the ``> 0`` test but is not an int."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise TypeError(
+            f"{api}: `chunk_size` should be None or a positive int, "
+            f"got {type(chunk_size).__name__}: {chunk_size!r}"
+        )
+
+
+def _wrap_argnum(argnum: Any, num_args: int) -> int:
+    if not isinstance(argnum, int):
+        raise RuntimeError(f"argnum must be int, got: {type(argnum)}")
+    if 0 <= argnum < num_args:
+        return argnum
+    if -num_args <= argnum < 0:
+        return argnum + num_args
+    raise RuntimeError(f"Got argnum={argnum}, but only {num_args} positional inputs")
+
+
+def normalize_argnums(argnums: Any, num_args: int) -> Tuple[int, ...]:
+    """The positions ``argnums`` selects, checked in torch.func's order.
+
+    Raises
+    ------
+    RuntimeError
+        For a type other than int or tuple of ints, an index out of range, an
+        empty tuple or a repeated position, with torch.func's messages.
+    """
+    if isinstance(argnums, int):
+        return (_wrap_argnum(argnums, num_args),)
+    if not isinstance(argnums, tuple):
+        raise RuntimeError(f"argnums must be int or Tuple[int, ...], got: {type(argnums)}")
+    wrapped = tuple(_wrap_argnum(num, num_args) for num in argnums)
+    if len(wrapped) == 0:
+        raise RuntimeError("argnums must be non-empty")
+    if len(set(wrapped)) != len(wrapped):
+        raise RuntimeError(f"argnums elements must be unique, got {wrapped}")
+    return wrapped
+
+
+def _error_if_complex(leaves: Sequence[Any], what: str) -> None:
+    import torch
+
+    for idx, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.is_complex():
+            raise RuntimeError(
+                f"jacrev: Expected all {what} to be real but received complex tensor "
+                f"at flattened input idx: {idx}"
+            )
+
+
+def _check_outputs(leaves: Sequence[Any]) -> None:
+    import torch
+
+    if (len(leaves) == 1 and leaves[0] is None) or len(leaves) < 1:
+        raise RuntimeError(
+            "vjp(f, *primals): Expected f to be a function that has non-empty output "
+            f"(got output = {leaves})"
+        )
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise RuntimeError(
+                "vjp(f, *primals): expected f(*primals) to return only tensors, "
+                f"got unsupported type {type(leaf)}"
+            )
+    for leaf in leaves:
+        if not (leaf.is_floating_point() or leaf.is_complex()):
+            raise RuntimeError(
+                "vjp(f, ...): All outputs of f must be floating-point or complex Tensors, "
+                f"got Tensor with dtype {leaf.dtype}"
+            )
+
+
+# -- fresh tensors and the question "does an outer level need this graph?" -----
+
+
+def _fresh(value: Any, attach: bool) -> Any:
+    """This level's own differentiable handle on the argument ``value``.
+
+    With ``attach`` and a ``value`` that already requires grad, a new view: it
+    stays attached to the outer graph, yet is a node of its own, so this
+    level differentiates only its own uses. Otherwise a new detached leaf.
+    """
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"Thing passed to transform API must be Tensor, got {type(value)}")
+    if attach and value.requires_grad:
+        return value.view_as(value)
+    # requires_grad_ raises torch's own error for integer and bool tensors.
+    return value.detach().requires_grad_(True)
+
+
+class _OuterGraph:
+    """Answers "does this tensor reach a requires-grad tensor not ours?".
+
+    Walks the autograd graph from a tensor towards its leaves. Reaching one of
+    this level's own views (an argument that was attached to an outer graph)
+    or a leaf that is not one of this level's fresh leaves means an outer
+    level needs the result to be differentiable. The walk stops at the first
+    such node; nodes found to lead nowhere outer are remembered.
+    """
+
+    def __init__(self, own: Sequence[Any]) -> None:
+        self._own_nodes: Set[int] = set()
+        self._own_leaves: Set[int] = set()
+        for tensor in own:
+            if tensor.grad_fn is not None:
+                self._own_nodes.add(id(tensor.grad_fn))
+            else:
+                self._own_leaves.add(id(tensor))
+        self._clean: Set[int] = set()
+        # Keeps remembered nodes alive so that their ids stay unique.
+        self._keep: List[Any] = []
+
+    def reaches(self, tensor: Any) -> bool:
+        if not tensor.requires_grad:
+            return False
+        root = tensor.grad_fn
+        if root is None:
+            return id(tensor) not in self._own_leaves
+        own_nodes, own_leaves, clean = self._own_nodes, self._own_leaves, self._clean
+        stack = [root]
+        seen: Set[int] = set()
+        visited: List[Any] = []
+        while stack:
+            node = stack.pop()
+            key = id(node)
+            if key in seen or key in clean:
+                continue
+            if key in own_nodes:
+                return True
+            seen.add(key)
+            visited.append(node)
+            variable = getattr(node, "variable", None)
+            if variable is not None and id(variable) not in own_leaves:
+                return True
+            for next_node, _ in node.next_functions:
+                if next_node is not None:
+                    stack.append(next_node)
+        clean.update(seen)
+        self._keep.extend(visited)
+        return False
+
+    def any(self, tensors: Iterable[Any]) -> bool:
+        return any(self.reaches(t) for t in tensors)
+
+
+def _original_grad() -> Callable[..., Any]:
+    """``torch.autograd.grad``, bypassing the wrapper a running loop vmap installs."""
+    import torch
+
+    grad = torch.autograd.grad
+    return getattr(grad, "__adbackends_original__", grad)
+
+
+# -- the rows ------------------------------------------------------------------
+
+
+def _jacobian_blocks(
+    out: Any,
+    inputs: Sequence[Any],
+    keep_graph: bool,
+    chunk_size: Optional[int],
+    grad: Callable[..., Any],
+) -> List[Any]:
+    """d out / d input for each input, each of shape ``out.shape + input.shape``."""
+    import torch
+
+    m = out.numel()
+    shapes = [tuple(out.shape) + tuple(inp.shape) for inp in inputs]
+    if m == 0 or not out.requires_grad:
+        return [inp.new_zeros(shape) for inp, shape in zip(inputs, shapes)]
+    flat = out.reshape(-1)
+    # Row j's cotangent is window[m - 1 - j : 2m - 1 - j]: a one-hot view.
+    window = flat.new_zeros(2 * m - 1)
+    window[m - 1] = 1
+    step = m if chunk_size is None else min(chunk_size, m)
+    n_in = len(inputs)
+    used = [True] * n_in
+    chunks: List[List[Any]] = [[] for _ in range(n_in)]
+    preallocated: Optional[List[Any]] = None
+    for start in range(0, m, step):
+        stop = min(start + step, m)
+        rows: List[List[Any]] = [[] for _ in range(n_in)]
+        for j in range(start, stop):
+            grads = grad(
+                flat,
+                inputs,
+                window[m - 1 - j : 2 * m - 1 - j],
+                retain_graph=True,
+                create_graph=keep_graph,
+                allow_unused=True,
+            )
+            for k in range(n_in):
+                g = grads[k]
+                if g is None:
+                    # Whether an input is reachable does not depend on the row.
+                    used[k] = False
+                else:
+                    rows[k].append(g)
+        if keep_graph or step >= m:
+            for k in range(n_in):
+                if used[k]:
+                    chunks[k].append(torch.stack(rows[k]))
+            continue
+        # Several chunks, no graph to keep: write each chunk into the result
+        # so that only one chunk of rows is in flight beside it.
+        if preallocated is None:
+            preallocated = [inp.new_zeros((m,) + tuple(inp.shape)) for inp in inputs]
+        for k in range(n_in):
+            if used[k]:
+                torch.stack(rows[k], out=preallocated[k][start:stop])
+    blocks = []
+    for k, (inp, shape) in enumerate(zip(inputs, shapes)):
+        if not used[k]:
+            blocks.append(inp.new_zeros(shape))
+        elif preallocated is not None:
+            blocks.append(preallocated[k].view(shape))
+        elif len(chunks[k]) == 1:
+            blocks.append(chunks[k][0].view(shape))
+        else:
+            blocks.append(torch.cat(chunks[k]).view(shape))
+    return blocks
+
+
+def _jacobian(
+    func: Callable[..., Any],
+    args: Tuple[Any, ...],
+    argnums: ArgNums,
+    has_aux: bool,
+    chunk_size: Optional[int],
+) -> Any:
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    _error_if_complex(tree_flatten(args)[0], "inputs")
+    nums = normalize_argnums(argnums, len(args))
+    check_chunk_size_type(chunk_size, "jacrev")
+    # A transform ignores an outer no_grad for its own work, but its results
+    # are differentiable only where grad mode is on outside (as torch.func).
+    outer_grad = torch.is_grad_enabled()
+    grad = _original_grad()
+    with torch.enable_grad():
+        primals = list(args)
+        in_specs = []
+        own: List[Any] = []
+        for num in nums:
+            leaves, spec = tree_flatten(args[num])
+            fresh = [_fresh(leaf, outer_grad) for leaf in leaves]
+            primals[num] = tree_unflatten(fresh, spec)
+            in_specs.append((spec, len(own), len(fresh)))
+            own.extend(fresh)
+        result = func(*primals)
+        aux: Any = None
+        if has_aux:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(
+                    "vjp(f, *primals): output of function f should be a tuple: "
+                    "(output, aux) if has_aux is True"
+                )
+            result, aux = result
+            aux_leaves, aux_spec = tree_flatten(aux)
+            for leaf in aux_leaves:
+                if not isinstance(leaf, torch.Tensor):
+                    raise RuntimeError(f"Expected tensors, got unsupported type {type(leaf)}")
+        out_leaves, out_spec = tree_flatten(result)
+        _check_outputs(out_leaves)
+        _error_if_complex(out_leaves, "outputs")
+        outer = _OuterGraph(own) if outer_grad else None
+        keep_graph = outer is not None and outer.any(out_leaves)
+        per_output = [_jacobian_blocks(out, own, keep_graph, chunk_size, grad) for out in out_leaves]
+    jac_leaves = []
+    for blocks in per_output:
+        per_arg = [tree_unflatten(blocks[s : s + n], spec) for spec, s, n in in_specs]
+        jac_leaves.append(tuple(per_arg) if isinstance(argnums, tuple) else per_arg[0])
+    jac = tree_unflatten(jac_leaves, out_spec)
+    if not has_aux:
+        return jac
+    # aux is not differentiated here, but stays attached where it depends on
+    # something outside this level that requires grad.
+    kept = [
+        leaf if outer is not None and outer.reaches(leaf) else leaf.detach() for leaf in aux_leaves
+    ]
+    return jac, tree_unflatten(kept, aux_spec)
+
+
+def jacrev(
+    func: Callable[..., Any],
+    argnums: ArgNums = 0,
+    *,
+    has_aux: bool = False,
+    chunk_size: Optional[int] = None,
+    _preallocate_and_copy: bool = False,
+) -> Callable[..., Any]:
+    """Jacobian of ``func`` by reverse mode, row by row, as ``torch.func.jacrev``.
+
+    Parameters
+    ----------
+    func : callable
+        Takes positional arguments (pytrees of tensors at ``argnums``) and
+        returns a tensor or a pytree of tensors.
+    argnums : int or tuple of int
+        The argument(s) to differentiate; negative counts from the end. A
+        tuple gives one Jacobian per argument, as a tuple.
+    has_aux : bool
+        ``func`` returns ``(output, aux)``; ``aux`` is returned beside the
+        Jacobian, not differentiated by this transform.
+    chunk_size : int or None
+        At most this many rows are in flight at a time (``None``: all of one
+        output's rows). Rows are computed one ``autograd.grad`` call each.
+    _preallocate_and_copy : bool
+        Accepted for torch.func compatibility. Whenever several chunks are
+        needed and no graph is kept, rows are written into a preallocated
+        result anyway.
+
+    Returns
+    -------
+    callable
+        Takes ``func``'s positional arguments and returns the Jacobian, shaped
+        ``output.shape + input.shape`` per (output, input) pair and nested
+        like the outputs (outer) and the inputs (inner), or ``(jacobian, aux)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from adbackends.backends.loop import jacrev
+    >>> x = torch.tensor([0.0, 1.0])
+    >>> jacrev(torch.sin)(x)
+    tensor([[1.0000, 0.0000],
+            [0.0000, 0.5403]])
+    >>> jacrev(lambda a, b: a * b, argnums=(0, 1))(x, 2 * x)[1]
+    tensor([[0., 0.],
+            [0., 1.]])
+    """
+    if not (chunk_size is None or chunk_size > 0):
+        raise ValueError("jacrev: `chunk_size` should be greater than 0.")
+
+    # Positional arguments only, as torch.func: keywords raise its TypeError.
+    @functools.wraps(func)
+    def wrapper_fn(*args: Any) -> Any:
+        return _jacobian(func, args, argnums, has_aux, chunk_size)
+
+    return wrapper_fn
