@@ -51,6 +51,15 @@ class Backend:
     contract: ClassVar[int] = CONTRACT_VERSION
     #: What to install when :meth:`load` fails; shown in error messages.
     install_hint: ClassVar[str] = ""
+    #: Capabilities the backend is meant to have. Each is verified by its
+    #: probe, never trusted: a refuted claim is reported and fails the
+    #: conformance kit.
+    claims: ClassVar[Tuple[str, ...]] = ()
+    #: ``(rtol, atol)`` for an approximate backend; the conformance kit
+    #: compares with these tolerances instead of its defaults.
+    tolerance: ClassVar[Optional[Tuple[float, float]]] = None
+    #: Conformance checks the backend cannot honour by design: ``{check: reason}``.
+    limitations: ClassVar[Dict[str, str]] = {}
     #: Where the backend comes from: ``"built-in"``, or set by the registry
     #: to ``"plugin"`` for entry points and ``"registered"`` for
     #: :func:`adbackends.register`.
@@ -131,7 +140,7 @@ class Backend:
         """The functorch-style ``vmap``; resolved like :meth:`fjacrev`."""
         return self.native().vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
 
-    def native(self) -> "Backend":
+    def native(self) -> Backend:
         """The backend that serves :meth:`fjacrev` and :meth:`fvmap`.
 
         Raises

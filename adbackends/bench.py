@@ -135,9 +135,11 @@ def compare(
     numbers = {name: _calibrate(fns[name], min_time, warmup) for name in names}
     times: Dict[str, List[float]] = {name: [] for name in names}
     for rep in range(repeats):
+        # Rotate each repeat and reverse every other round: for two
+        # callables, A B, B A, B A, A B, ...
         shift = rep % len(names)
         order = names[shift:] + names[:shift]
-        if rep % 2:
+        if (rep // len(names)) % 2:
             order.reverse()
         for name in order:
             times[name].append(_run(fns[name], numbers[name]) / numbers[name])
@@ -160,17 +162,32 @@ def _quiet() -> Iterator[None]:
 # -- problems -----------------------------------------------------------------
 
 
-def jac_problem(n: int, m: Optional[int] = None) -> Tuple[Callable[[Any], Any], Any]:
-    """A dense Jacobian problem: ``f(x) = tanh(W x) * sum(x**2)``, ``x`` of size n.
+def jac_problem(
+    n: int, m: Optional[int] = None, kind: str = "dense"
+) -> Tuple[Callable[[Any], Any], Any]:
+    """A Jacobian problem with input ``x`` of size ``n`` (float64, fixed seed).
 
-    ``W`` is ``m x n`` (``m = n`` by default), fixed by a seed; the Jacobian is
-    ``m x n`` and dense, and one backward pass costs about one forward pass.
+    ``kind="dense"``: ``f(x) = tanh(W x) * sum(x**2)`` with ``W`` of shape
+    ``m x n`` (``m = n`` by default); the Jacobian is dense and one backward
+    pass costs about one forward pass, ``O(m n)``.
+
+    ``kind="elementwise"``: ``f(x) = sin(x) * sum(cos(x))``; the Jacobian is
+    dense too, but every operation is elementwise or a sum, so one backward
+    pass costs ``O(n)`` and a call is dominated by per-operation overhead.
     """
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(m or n, n, generator=gen, dtype=torch.float64) / n**0.5
     x = torch.randn(n, generator=gen, dtype=torch.float64)
+    if kind == "elementwise":
+
+        def g(t: Any) -> Any:
+            return torch.sin(t) * torch.cos(t).sum()
+
+        return g, x
+    if kind != "dense":
+        raise ValueError(f"unknown problem kind {kind!r}")
+    w = torch.randn(m or n, n, generator=gen, dtype=torch.float64) / n**0.5
 
     def f(t: Any) -> Any:
         return torch.tanh(w @ t) * (t * t).sum()
@@ -251,6 +268,12 @@ def _agree(results: Dict[str, Any]) -> Dict[str, float]:
     return {name: float((results[name] - ref).abs().max()) for name in names}
 
 
+#: A backend whose result differs from the first backend's by more than this
+#: (relative to the result's largest entry) computes something else, such as
+#: a finite-difference approximation, and is never marked fastest.
+EXACT_RTOL = 1e-12
+
+
 # -- P5 and the short run: every backend over sizes -------------------------------
 
 
@@ -281,13 +304,16 @@ def grid(
         results: Dict[str, Any] = {}
         for name, backend in backends.items():
             make = getattr(backend, transform)
-            fns[name] = (lambda make=make, f=f, x=x: make(f)(x))
+            fns[name] = lambda make=make, f=f, x=x: make(f)(x)
             with _quiet():
                 results[name] = fns[name]()
         with _quiet():
             times = compare(fns, repeats=repeats, min_time=min_time, warmup=False)
         medians = {name: statistics.median(ts) for name, ts in times.items()}
-        best = min(medians, key=medians.__getitem__)
+        diffs = _agree(results)
+        scale = float(next(iter(results.values())).abs().max()) or 1.0
+        exact = [name for name in medians if diffs[name] <= EXACT_RTOL * scale]
+        best = min(exact, key=medians.__getitem__)
         rows.append(
             {
                 "transform": transform,
@@ -295,7 +321,8 @@ def grid(
                 "seconds": medians,
                 "relative": {name: medians[name] / medians[best] for name in medians},
                 "fastest": best,
-                "max_abs_diff": _agree(results),
+                "max_abs_diff": diffs,
+                "inexact": [name for name in medians if name not in exact],
             }
         )
     return rows
@@ -317,7 +344,12 @@ def _format_grid(rows: List[Dict[str, Any]], label: Dict[str, str]) -> str:
     for row in rows:
         cells = []
         for name in names:
-            mark = "  *  " if name == row["fastest"] else f" x{row['relative'][name]:<3.2g}"
+            if name == row["fastest"]:
+                mark = "  *  "
+            else:
+                mark = f" x{row['relative'][name]:<3.2g}"
+                if name in row["inexact"]:
+                    mark = mark.replace(" x", "~x")
             cells.append(f"{_fmt_time(row['seconds'][name]) + mark:>{width}}")
         size = f"{label.get(row['transform'], '')}{row['size']}"
         lines.append(f"{row['transform']:<10} {size:>7}  " + "  ".join(cells))
@@ -364,15 +396,15 @@ def _format_quick(data: Table) -> str:
         f"Python {mach['python']}, {mach['cpus']} CPUs, {mach['torch_threads']} torch threads)",
         "jacrev: f(x) = tanh(W x) * sum(x^2), x of size n, Jacobian n x n (float64)",
         "vmap:   pairwise energy of 8 points, batch of b geometries (float64)",
-        "time per call (median); * fastest, xR = R times the fastest's time",
+        "time per call (median); * fastest, xR = R times the fastest's time,",
+        f"~ result differs from the first backend's (relative > {EXACT_RTOL:g}): not exact",
         "",
         _format_grid(data["rows"], {"jacrev": "n=", "vmap": "b="}),
         "",
     ]
     for transform, kinds in data["fastest"].items():
         lines.append(
-            f"fastest {transform}: small problems {kinds['small']}, "
-            f"large problems {kinds['large']}"
+            f"fastest {transform}: small problems {kinds['small']}, large problems {kinds['large']}"
         )
     return "\n".join(lines)
 
@@ -424,7 +456,10 @@ def p1_dispatch(*, repeats: int = 21, min_time: float = 0.1) -> List[Dict[str, A
     ):
         assert torch.equal(ours(f)(arg), theirs(f)(arg))
         calls = compare(
-            {"adbackends": lambda o=ours, a=arg: o(f)(a), "torch.func": lambda t=theirs, a=arg: t(f)(a)},
+            {
+                "adbackends": lambda o=ours, a=arg: o(f)(a),
+                "torch.func": lambda t=theirs, a=arg: t(f)(a),
+            },
             repeats=repeats,
             min_time=min_time,
         )
@@ -515,12 +550,8 @@ def p3_loop_vmap(
 # -- P4: cold start -------------------------------------------------------------
 
 _COLD = {
-    "adbackends": (
-        "import torch, adbackends; adbackends.jacrev(torch.sin)(torch.ones(3))"
-    ),
-    "torch.func": (
-        "import torch, torch.func; torch.func.jacrev(torch.sin)(torch.ones(3))"
-    ),
+    "adbackends": ("import torch, adbackends; adbackends.jacrev(torch.sin)(torch.ones(3))"),
+    "torch.func": ("import torch, torch.func; torch.func.jacrev(torch.sin)(torch.ones(3))"),
     "import torch": "import torch",
 }
 
@@ -562,35 +593,47 @@ def p4_cold_start(pairs: int = 20) -> Dict[str, Any]:
 
 
 _STAGES = """
-import json, time
+import json, sys, time
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
-import adbackends
-t2 = time.perf_counter()
-x = torch.ones(3)
-adbackends.current()
+if sys.argv[1] == "adbackends":
+    import adbackends
+    t2 = time.perf_counter()
+    adbackends.current()
+    jacrev = adbackends.jacrev
+else:
+    import torch.func
+    t2 = time.perf_counter()
+    jacrev = torch.func.jacrev
 t3 = time.perf_counter()
-adbackends.jacrev(torch.sin)(x)
+jacrev(torch.sin)(torch.ones(3))
 t4 = time.perf_counter()
-adbackends.jacrev(torch.sin)(x)
+jacrev(torch.sin)(torch.ones(3))
 t5 = time.perf_counter()
-print(json.dumps({"import torch": t1 - t0, "import adbackends": t2 - t1,
-                  "first selection (probes)": t3 - t2, "first jacrev": t4 - t3,
-                  "second jacrev": t5 - t4}))
+print(json.dumps({"import torch": t1 - t0, "import": t2 - t1, "selection and probes": t3 - t2,
+                  "first jacrev": t4 - t3, "second jacrev": t5 - t4}))
 """
 
 
-def _cold_stages(env: Dict[str, str], runs: int = 5) -> Dict[str, float]:
-    """Where the time of an adbackends cold start goes (median of ``runs``, in ms)."""
-    samples: Dict[str, List[float]] = {}
+def _cold_stages(env: Dict[str, str], runs: int = 5) -> Dict[str, Dict[str, float]]:
+    """Where a cold start's time goes, with and without adbackends (median ms)."""
+    samples: Dict[str, Dict[str, List[float]]] = {"adbackends": {}, "torch.func": {}}
     for _ in range(runs):
-        proc = subprocess.run(
-            [sys.executable, "-c", _STAGES], env=env, check=True, capture_output=True, text=True
-        )
-        for key, value in json.loads(proc.stdout.strip().splitlines()[-1]).items():
-            samples.setdefault(key, []).append(value * 1e3)
-    return {key: statistics.median(vals) for key, vals in samples.items()}
+        for which, into in samples.items():
+            proc = subprocess.run(
+                [sys.executable, "-c", _STAGES, which],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            for key, value in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+                into.setdefault(key, []).append(value * 1e3)
+    return {
+        which: {key: statistics.median(vals) for key, vals in into.items()}
+        for which, into in samples.items()
+    }
 
 
 # -- P6: peak memory --------------------------------------------------------------
@@ -627,7 +670,10 @@ print(json.dumps({"peak_bytes": peak - before, "result_bytes": jac.numel() * jac
 
 
 def p6_memory(
-    m: int = 4096, n: int = 256, chunks: Sequence[Optional[int]] = (None, 256, 1)
+    m: int = 4096,
+    n: int = 256,
+    chunks: Sequence[Optional[int]] = (None, 256),
+    names: Optional[Sequence[str]] = None,
 ) -> List[Dict[str, Any]]:
     """Peak extra memory of one ``jacrev`` with ``m`` outputs, per backend and chunk (P6).
 
@@ -637,10 +683,11 @@ def p6_memory(
     the peak resident set (``VmHWM``) minus the resident set just before.
     torch's CPU allocator returns large blocks to the system, so this is the
     most that the computation had allocated at once, plus allocator slack.
+    ``names`` limits the backends (default: every one that loads here).
     """
     env = _child_env()
     out = []
-    for name in _backends():
+    for name in names if names is not None else list(_backends()):
         for chunk in chunks:
             args = [name, str(m), str(n), "none" if chunk is None else str(chunk)]
             proc = subprocess.run(
@@ -664,16 +711,18 @@ def p6_memory(
 
 
 def strategy(
-    sizes: Sequence[int] = (4, 8, 16, 32, 64, 128, 256, 512, 1024),
+    sizes: Sequence[int] = (4, 8, 16, 32, 64, 128, 256, 512),
+    kinds: Sequence[str] = ("elementwise", "dense"),
     *,
     repeats: int = 7,
     min_time: float = 0.05,
 ) -> List[Dict[str, Any]]:
     """A plain ``autograd.grad`` loop against ``torch.func.jacrev``, across sizes.
 
-    For each ``n``: the grad loop's time / torch.func's, the loop backend's
-    time / torch.func's, and whether the grad loop's Jacobian is bitwise
-    equal to torch.func's (and the largest difference when it is not).
+    For each kind of problem (see :func:`jac_problem`) and ``n``: the grad
+    loop's time / torch.func's, the loop backend's time / torch.func's, and
+    whether the grad loop's Jacobian is bitwise equal to torch.func's (and
+    the largest difference when it is not).
     """
     import torch
     import torch.func
@@ -682,26 +731,33 @@ def strategy(
 
     loop = REGISTRY.get("loop")
     out = []
-    for n in sizes:
-        f, x = jac_problem(n)
-        fns = {
-            "torch.func": lambda f=f, x=x: torch.func.jacrev(f)(x),
-            "grad_loop": lambda f=f, x=x: grad_loop_jacobian(f, x),
-            "loop": lambda f=f, x=x: loop.jacrev(f)(x),
-        }
-        ref = fns["torch.func"]()
-        mine = fns["grad_loop"]()
-        times = compare(fns, repeats=repeats, min_time=min_time)
-        out.append(
-            {
-                "n": n,
-                "torch_func_ms": statistics.median(times["torch.func"]) * 1e3,
-                "grad_loop_vs_torch_func": median_ratio(times["grad_loop"], times["torch.func"]),
-                "loop_vs_torch_func": median_ratio(times["loop"], times["torch.func"]),
-                "bitwise_equal": bool(torch.equal(ref, mine)),
-                "max_abs_diff": float((ref - mine).abs().max()),
+    for kind in kinds:
+        for n in sizes:
+            f, x = jac_problem(n, kind=kind)
+            fns = {
+                "torch.func": lambda f=f, x=x: torch.func.jacrev(f)(x),
+                "grad_loop": lambda f=f, x=x: grad_loop_jacobian(f, x),
+                "loop": lambda f=f, x=x: loop.jacrev(f)(x),
             }
-        )
+            ref = fns["torch.func"]()
+            mine = fns["grad_loop"]()
+            theirs = fns["loop"]()
+            times = compare(fns, repeats=repeats, min_time=min_time, warmup=False)
+            out.append(
+                {
+                    "kind": kind,
+                    "n": n,
+                    "torch_func_ms": statistics.median(times["torch.func"]) * 1e3,
+                    "grad_loop_vs_torch_func": median_ratio(
+                        times["grad_loop"], times["torch.func"]
+                    ),
+                    "loop_vs_torch_func": median_ratio(times["loop"], times["torch.func"]),
+                    "bitwise_equal": bool(torch.equal(ref, mine) and torch.equal(ref, theirs)),
+                    "max_abs_diff": max(
+                        float((ref - mine).abs().max()), float((ref - theirs).abs().max())
+                    ),
+                }
+            )
     return out
 
 
@@ -712,7 +768,8 @@ def full(parts: Sequence[str] = ("P1", "P2", "P3", "P4", "P5", "P6", "S")) -> Ta
     """Run the parts of the suite named in ``parts``; returns everything as data."""
     import torch
 
-    data: Table = {"machine": _machine(), "command": " ".join(["python", "-m", "adbackends.bench"] + sys.argv[1:])}
+    command = " ".join(["python", "-m", "adbackends.bench", *sys.argv[1:]])
+    data: Table = {"machine": _machine(), "command": command}
     steps: Dict[str, Callable[[], Any]] = {
         "P1": p1_dispatch,
         "P2": p2_loop_jacrev,
@@ -768,8 +825,11 @@ def _format_full(data: Table) -> str:
             f"  adbackends {r['adbackends_s']:.3f} s   torch.func {r['torch_func_s']:.3f} s   "
             f"import torch {r['import_torch_s']:.3f} s   ratio {r['ratio']:.3f} "
             f"({r['pairs']} alternating pairs)",
-            "  stages: " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["stages_ms"].items()),
         ]
+        for which, stages in r["stages_ms"].items():
+            lines.append(
+                f"  {which:<10} " + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items())
+            )
     if "P5" in data:
         lines += ["", "P5 every backend (* fastest, xR = R times the fastest)"]
         lines.append(_format_grid(data["P5"], {"jacrev": "n=", "vmap": "b="}))
@@ -788,8 +848,9 @@ def _format_full(data: Table) -> str:
         lines += ["", "S size-aware strategy: grad loop and loop backend / torch.func.jacrev"]
         for r in data["S"]:
             lines.append(
-                f"  n={r['n']:<5} torch.func {r['torch_func_ms']:8.3f} ms   grad loop "
-                f"x{r['grad_loop_vs_torch_func']:.2f}   loop x{r['loop_vs_torch_func']:.2f}   "
+                f"  {r['kind']:<11} n={r['n']:<5} torch.func {r['torch_func_ms']:8.3f} ms"
+                f"   grad loop x{r['grad_loop_vs_torch_func']:.2f}"
+                f"   loop x{r['loop_vs_torch_func']:.2f}   "
                 f"bitwise equal {r['bitwise_equal']} (max|diff| {r['max_abs_diff']:.1e})"
             )
     return "\n".join(lines)
@@ -801,9 +862,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="python -m adbackends.bench", description="Benchmark the autodiff backends here."
     )
     parser.add_argument("--full", action="store_true", help="run the whole suite (minutes)")
-    parser.add_argument(
-        "--only", default="", help="with --full: comma-separated parts, e.g. P1,P4"
-    )
+    parser.add_argument("--only", default="", help="with --full: comma-separated parts, e.g. P1,P4")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--tiny", action="store_true", help="a minimal run (checks, not speed)")
     args = parser.parse_args(argv)

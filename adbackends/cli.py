@@ -38,8 +38,13 @@ def report() -> Dict[str, Any]:
         }
         failure = REGISTRY.failure(name)
         if failure is not None:
-            item.update(status="unavailable", reason=failure.reason, hint=failure.hint,
-                        version=None, capabilities={})
+            item.update(
+                status="unavailable",
+                reason=failure.reason,
+                hint=failure.hint,
+                version=None,
+                capabilities={},
+            )
         else:
             backend = REGISTRY.get(name)
             caps = backend.capabilities()
@@ -48,9 +53,7 @@ def report() -> Dict[str, Any]:
                 reason=None,
                 hint=None,
                 version=backend.version,
-                capabilities={
-                    cap: {"ok": s.ok, "reason": s.reason} for cap, s in caps.items()
-                },
+                capabilities={cap: {"ok": s.ok, "reason": s.reason} for cap, s in caps.items()},
             )
         backends.append(item)
 
@@ -65,8 +68,13 @@ def report() -> Dict[str, Any]:
             "error": None,
         }
     except BackendError as exc:
-        active = {"name": None, "source": None, "reason": None, "rejected": [],
-                  "error": f"{type(exc).__name__}: {exc}"}
+        active = {
+            "name": None,
+            "source": None,
+            "reason": None,
+            "rejected": [],
+            "error": f"{type(exc).__name__}: {exc}",
+        }
     try:
         served = choice.backend.native() if active["error"] is None else native_backend()
         native: Dict[str, Any] = {"name": served.name, "error": None}

@@ -52,14 +52,14 @@ class Support(NamedTuple):
 
 class _Probe(NamedTuple):
     description: str
-    check: Callable[["Backend"], None]
+    check: Callable[[Backend], None]
 
 
 _LOCK = threading.RLock()
 _CACHE_ATTR = "_adbackends_probe_cache"
 
 
-def run_probe(backend: "Backend", capability: str) -> Support:
+def run_probe(backend: Backend, capability: str) -> Support:
     """Run (or recall) the probe ``capability`` for ``backend``."""
     cache: Optional[Dict[str, Support]] = backend.__dict__.get(_CACHE_ATTR)
     if cache is not None and capability in cache:
@@ -79,7 +79,7 @@ def describe(capability: str) -> str:
     return PROBES[capability].description
 
 
-def _run_uncached(backend: "Backend", capability: str) -> Support:
+def _run_uncached(backend: Backend, capability: str) -> Support:
     import logging
 
     log = logging.getLogger("adbackends")
@@ -213,7 +213,7 @@ def _cube_functions() -> Dict[str, Any]:
     return _FUNCTIONS
 
 
-def _check_cube(backend: "Backend", cube: Callable[[Any], Any]) -> None:
+def _check_cube(backend: Backend, cube: Callable[[Any], Any]) -> None:
     import torch
 
     x, xs = _inputs()
@@ -226,19 +226,19 @@ def _check_cube(backend: "Backend", cube: Callable[[Any], Any]) -> None:
     )
 
 
-def _probe_custom_function(backend: "Backend") -> None:
+def _probe_custom_function(backend: Backend) -> None:
     _check_cube(backend, _cube_functions()["modern"])
 
 
-def _probe_legacy_function(backend: "Backend") -> None:
+def _probe_legacy_function(backend: Backend) -> None:
     _check_cube(backend, _cube_functions()["legacy"])
 
 
-def _probe_transforms(backend: "Backend") -> None:
+def _probe_transforms(backend: Backend) -> None:
     import torch
 
     _, xs = _inputs()
-    calls = []
+    calls: list = []
 
     def f(x: Any) -> Any:
         calls.append(None)
@@ -253,7 +253,7 @@ def _probe_transforms(backend: "Backend") -> None:
     _close(backend.vmap(backend.jacrev(torch.sin))(xs), torch.diag_embed(xs.cos()), "vmap(jacrev)")
 
 
-def _probe_higher_order(backend: "Backend") -> None:
+def _probe_higher_order(backend: Backend) -> None:
     import torch
 
     x, _ = _inputs()
@@ -265,7 +265,7 @@ def _probe_higher_order(backend: "Backend") -> None:
     _close(nested, torch.eye(3, dtype=x.dtype), "nested jacrev over a closure")
 
 
-def _probe_chunk_size(backend: "Backend") -> None:
+def _probe_chunk_size(backend: Backend) -> None:
     import torch
 
     x, xs = _inputs()
@@ -274,7 +274,7 @@ def _probe_chunk_size(backend: "Backend") -> None:
     _close(backend.vmap(torch.sin, chunk_size=1)(xs), xs.sin(), "vmap(chunk_size=1)")
 
 
-def _probe_randomness(backend: "Backend") -> None:
+def _probe_randomness(backend: Backend) -> None:
     import torch
 
     base = torch.zeros(4, dtype=torch.float64)
@@ -304,8 +304,7 @@ PROBES: Dict[str, _Probe] = {
         _probe_custom_function,
     ),
     "legacy_function": _Probe(
-        "a ctx-style autograd.Function (forward(ctx, x)) under jacrev, vmap "
-        "and vmap(jacrev)",
+        "a ctx-style autograd.Function (forward(ctx, x)) under jacrev, vmap and vmap(jacrev)",
         _probe_legacy_function,
     ),
     "transforms": _Probe(

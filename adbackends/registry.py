@@ -28,7 +28,6 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-import sys
 import threading
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
@@ -295,7 +294,8 @@ class Registry:
                         f"{_describe_backend(backend)} claims capability {cap!r}, but its "
                         f"probe fails: {support.reason}"
                     )
-                    self._report(f"claim:{name}:{backend.distribution}:{cap}", text)
+                    with self._lock:
+                        self._report(f"claim:{name}:{backend.distribution}:{cap}", text)
                     found.append(text)
         return found
 
@@ -350,10 +350,10 @@ class Registry:
 
 
 def _distributions() -> List[Any]:
-    if sys.version_info >= (3, 10):
-        from importlib.metadata import distributions
-    else:  # the backport gives the same API, and the dist attribute, on 3.8/3.9
-        from importlib_metadata import distributions
+    # Only the Python 3.8 API is used (distributions, entry_points, metadata,
+    # version), so the standard library suffices on every supported Python.
+    from importlib.metadata import distributions
+
     return list(distributions())
 
 

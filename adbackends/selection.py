@@ -106,7 +106,7 @@ def get(name: str) -> Backend:
     >>> adbackends.get("lop")
     Traceback (most recent call last):
     ...
-    adbackends.errors.UnknownBackendError: unknown autodiff backend 'lop' (from get()). Did you mean 'loop'? ...
+    adbackends.errors.UnknownBackendError: unknown autodiff backend 'lop' (from get()). ...
     """
     name = _check_name(name, "get()")
     if name == AUTO:
@@ -217,7 +217,7 @@ def _check_name(name: Any, source: str) -> str:
         )
     stripped = name.strip()
     if not stripped:
-        raise UnknownBackendError(name, REGISTRY.names() + [AUTO], source)
+        raise UnknownBackendError(name, [*REGISTRY.names(), AUTO], source)
     return stripped
 
 
@@ -239,7 +239,9 @@ def _from_env(raw: str) -> Choice:
         if len(names) == 1:
             if names[0] == AUTO:
                 auto = _auto()
-                choice = auto._replace(source="env", reason=f"{source} asks for auto: {auto.reason}")
+                choice = auto._replace(
+                    source="env", reason=f"{source} asks for auto: {auto.reason}"
+                )
             else:
                 choice = Choice(REGISTRY.get(names[0], ENV_VAR), "env", f"chosen by {source}")
         else:
@@ -339,9 +341,7 @@ def native_backend() -> Backend:
             else:
                 raise BackendUnavailableError(
                     "fjacrev/fvmap",
-                    "no backend here has native composable transforms ("
-                    + "; ".join(reasons)
-                    + ")",
+                    "no backend here has native composable transforms (" + "; ".join(reasons) + ")",
                     "Install torch >= 2.0 for torch.func, or functorch (bundled with "
                     "torch >= 1.13; pip install functorch==0.2.1 for torch 1.12)",
                 )

@@ -31,7 +31,12 @@ default_role = "code"
 nitpicky = True
 # Names from outside this project. There is no network during the build, so
 # intersphinx cannot resolve them; they are rendered as plain text instead.
-nitpick_ignore: list[tuple[str, str]] = []
+nitpick_ignore = [
+    # torch's own classes, in signatures and docstrings: no intersphinx
+    # inventory can be fetched, so they are shown as plain names.
+    ("py:class", "torch.Tensor"),
+    ("py:class", "Tensor"),
+]
 
 # -- autodoc and napoleon ----------------------------------------------------
 

@@ -96,13 +96,16 @@ def test_emulated_jacrev_matches_functorch(ft, chunk_size, argnums):
     """The emulation itself, against functorch's unchunked jacrev on this torch."""
     x = torch.randn(4, dtype=torch.float64)
     y = torch.randn(2, dtype=torch.float64)
-    emulated = ft_backend.chunked_jacrev(ft._vjp, ft._vmap, _two_outputs, argnums, False, chunk_size)
+    emulated = ft_backend.chunked_jacrev(
+        ft._vjp, ft._vmap, _two_outputs, argnums, False, chunk_size
+    )
     _same(emulated(x, y), ft._jacrev(_two_outputs, argnums)(x, y), exact=False)
 
 
-@pytest.mark.skipif(TORCH < (1, 13), reason="no native jacrev(chunk_size=...) before 1.13")
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 50])
 def test_emulated_jacrev_is_identical_to_native_chunking(ft, chunk_size):
+    if "chunk_size" not in ft._jacrev_params:
+        pytest.skip(f"functorch {ft.version} has no native jacrev(chunk_size=...)")
     x = torch.randn(5, dtype=torch.float64)
     y = torch.randn(3, dtype=torch.float64)
     emulated = ft_backend.chunked_jacrev(ft._vjp, ft._vmap, _two_outputs, (0, 1), False, chunk_size)
@@ -163,9 +166,10 @@ def test_chunked_vmap_nested_in_dims(ft, chunk_size):
     _same(ft.vmap(f, in_dims=in_dims, chunk_size=chunk_size)(data), expected)
 
 
-@pytest.mark.skipif(TORCH < (1, 13), reason="no native vmap(chunk_size=...) before 1.13")
 @pytest.mark.parametrize("randomness", ["same", "different"])
 def test_emulated_vmap_randomness_is_identical_to_native_chunking(ft, randomness):
+    if "chunk_size" not in ft._vmap_params:
+        pytest.skip(f"functorch {ft.version} has no native vmap(chunk_size=...)")
     xs = torch.zeros(7, 2)
 
     def noisy(a):
@@ -216,6 +220,7 @@ def test_missing_randomness_raises_capability_error(ft, monkeypatch):
     assert err.capability == "randomness"
     assert ft.version in str(err) and "randomness" in str(err)
     assert "functorch" not in err.alternatives
+    assert ("loop" in err.alternatives) == bool(adbackends.get("loop").supports("randomness"))
     # The default needs nothing, so it works and is simply not passed on.
     assert ft.vmap(torch.sin)(torch.zeros(2, 3)).shape == (2, 3)
 
@@ -343,7 +348,9 @@ def test_ctx_style_function_raises_under_every_torch_func_transform(transform):
     api = getattr(torch.func, transform)
     x = torch.ones(2, 3) if transform == "vmap" else torch.ones(3)
     with pytest.raises(RuntimeError, match="setup_context"):
-        api(lambda t: legacy.apply(t).sum() if transform in ("grad", "hessian") else legacy.apply(t))(x)
+        api(
+            lambda t: legacy.apply(t).sum() if transform in ("grad", "hessian") else legacy.apply(t)
+        )(x)
 
 
 @pytest.mark.skipif(not HAS_TORCH_FUNC, reason="torch.func arrived in torch 2.0")
@@ -417,3 +424,18 @@ def test_deprecation_warning_at_most_once_per_process():
         assert count == 1
     else:
         assert count == 0
+
+
+@pytest.mark.parametrize("argnums", [-1, (0, -1), (-2,)])
+def test_negative_argnums_count_from_the_end(ft, argnums):
+    """functorch 0.2.1's own jacrev returns zeros here; the backend must not."""
+    x = torch.randn(3, dtype=torch.float64)
+    y = torch.randn(2, dtype=torch.float64)
+
+    def f(a, b):
+        return a.sin() * b.sum()
+
+    positive = tuple(n % 2 for n in argnums) if isinstance(argnums, tuple) else argnums % 2
+    _same(ft.jacrev(f, argnums)(x, y), ft.jacrev(f, positive)(x, y))
+    loop = adbackends.get("loop").jacrev(f, positive)(x, y)
+    _same(ft.jacrev(f, argnums)(x, y), loop, exact=False)

@@ -185,7 +185,7 @@ LOAD_FAULTS = {
 
 @pytest.mark.parametrize("fault", sorted(LOAD_FAULTS))
 def test_plugin_that_does_not_load_is_isolated_reported_once_and_chained(
-    site: Site, caplog: pytest.LogCaptureFixture, fault: str
+    site: Site, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
     target, source, cause, detail = LOAD_FAULTS[fault]
     mod = site.module(fault.replace("-", "_"))
@@ -208,6 +208,13 @@ def test_plugin_that_does_not_load_is_isolated_reported_once_and_chained(
         assert dist in str(err) and detail in str(err)
         assert isinstance(err.__cause__, cause)
     assert adbackends.current().name in AUTO_ORDER  # the failed use() changed nothing
+    monkeypatch.setenv(adbackends.ENV_VAR, name)
+    with pytest.raises(adbackends.PluginError) as info:
+        adbackends.current()
+    assert isinstance(info.value.__cause__, cause)
+    monkeypatch.setenv(adbackends.ENV_VAR, f"{name},loop")
+    assert adbackends.current().name == "loop"
+    monkeypatch.delenv(adbackends.ENV_VAR)
 
     reported = warnings_about(caplog, dist)
     assert len(reported) == 1, reported

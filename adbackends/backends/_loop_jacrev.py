@@ -20,11 +20,35 @@ require grad.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 __all__ = ["jacrev"]
 
 ArgNums = Union[int, Tuple[int, ...]]
+
+
+# -- pytrees, with a shortcut for the common case of a lone tensor -------------
+
+_LEAF = object()
+
+
+def flatten(tree: Any) -> Tuple[List[Any], Any]:
+    """``tree_flatten``, without its cost when ``tree`` is a single tensor."""
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    if isinstance(tree, torch.Tensor):
+        return [tree], _LEAF
+    return tree_flatten(tree)
+
+
+def unflatten(leaves: Sequence[Any], spec: Any) -> Any:
+    """The inverse of :func:`flatten`."""
+    from torch.utils._pytree import tree_unflatten
+
+    if spec is _LEAF:
+        return leaves[0]
+    return tree_unflatten(list(leaves), spec)
 
 
 # -- argument checks, with torch.func's exception types and messages -----------
@@ -68,6 +92,12 @@ def normalize_argnums(argnums: Any, num_args: int) -> Tuple[int, ...]:
     if len(set(wrapped)) != len(wrapped):
         raise RuntimeError(f"argnums elements must be unique, got {wrapped}")
     return wrapped
+
+
+def _all_tensors(args: Tuple[Any, ...]) -> bool:
+    import torch
+
+    return all(isinstance(a, torch.Tensor) for a in args)
 
 
 def _error_if_complex(leaves: Sequence[Any], what: str) -> None:
@@ -164,10 +194,14 @@ class _OuterGraph:
                 return True
             seen.add(key)
             visited.append(node)
-            variable = getattr(node, "variable", None)
-            if variable is not None and id(variable) not in own_leaves:
-                return True
-            for next_node, _ in node.next_functions:
+            next_nodes = node.next_functions
+            if not next_nodes:
+                # A leaf's AccumulateGrad node: is the leaf ours?
+                variable = getattr(node, "variable", None)
+                if variable is not None and id(variable) not in own_leaves:
+                    return True
+                continue
+            for next_node, _ in next_nodes:
                 if next_node is not None:
                     stack.append(next_node)
         clean.update(seen)
@@ -190,70 +224,124 @@ def _original_grad() -> Callable[..., Any]:
 
 
 def _jacobian_blocks(
-    out: Any,
+    outs: Sequence[Any],
     inputs: Sequence[Any],
     keep_graph: bool,
     chunk_size: Optional[int],
     grad: Callable[..., Any],
-) -> List[Any]:
-    """d out / d input for each input, each of shape ``out.shape + input.shape``."""
+) -> List[List[Any]]:
+    """d out / d input for every output and input, shaped ``out.shape + input.shape``.
+
+    Like torch.func, each row is one vector-Jacobian product of all outputs
+    together, with a one-hot cotangent for the row's output and zeros for the
+    others; so a block gets a graph wherever torch.func's would.
+    """
     import torch
 
-    m = out.numel()
-    shapes = [tuple(out.shape) + tuple(inp.shape) for inp in inputs]
-    if m == 0 or not out.requires_grad:
-        return [inp.new_zeros(shape) for inp, shape in zip(inputs, shapes)]
-    flat = out.reshape(-1)
-    # Row j's cotangent is window[m - 1 - j : 2m - 1 - j]: a one-hot view.
-    window = flat.new_zeros(2 * m - 1)
-    window[m - 1] = 1
-    step = m if chunk_size is None else min(chunk_size, m)
+    live = [k for k, out in enumerate(outs) if out.requires_grad]
+    # The outputs are differentiated as they are (reshaping them would add a
+    # node to every backward pass); the cotangents take their shapes instead.
+    live_outs = [outs[k] for k in live]
+    zeros = [out.new_zeros(out.shape) for out in live_outs]
     n_in = len(inputs)
-    used = [True] * n_in
-    chunks: List[List[Any]] = [[] for _ in range(n_in)]
-    preallocated: Optional[List[Any]] = None
-    for start in range(0, m, step):
-        stop = min(start + step, m)
-        rows: List[List[Any]] = [[] for _ in range(n_in)]
-        for j in range(start, stop):
-            grads = grad(
-                flat,
-                inputs,
-                window[m - 1 - j : 2 * m - 1 - j],
-                retain_graph=True,
-                create_graph=keep_graph,
-                allow_unused=True,
-            )
-            for k in range(n_in):
-                g = grads[k]
-                if g is None:
-                    # Whether an input is reachable does not depend on the row.
-                    used[k] = False
-                else:
-                    rows[k].append(g)
-        if keep_graph or step >= m:
-            for k in range(n_in):
-                if used[k]:
-                    chunks[k].append(torch.stack(rows[k]))
+    per_output: List[List[Any]] = []
+    for k, out in enumerate(outs):
+        m = out.numel()
+        shapes = [tuple(out.shape) + tuple(inp.shape) for inp in inputs]
+        if m == 0 or not live:
+            per_output.append([inp.new_zeros(shape) for inp, shape in zip(inputs, shapes)])
             continue
-        # Several chunks, no graph to keep: write each chunk into the result
-        # so that only one chunk of rows is in flight beside it.
-        if preallocated is None:
-            preallocated = [inp.new_zeros((m,) + tuple(inp.shape)) for inp in inputs]
-        for k in range(n_in):
-            if used[k]:
-                torch.stack(rows[k], out=preallocated[k][start:stop])
-    blocks = []
-    for k, (inp, shape) in enumerate(zip(inputs, shapes)):
-        if not used[k]:
-            blocks.append(inp.new_zeros(shape))
-        elif preallocated is not None:
-            blocks.append(preallocated[k].view(shape))
-        elif len(chunks[k]) == 1:
-            blocks.append(chunks[k][0].view(shape))
+        cotangents = list(zeros)
+        if k in live:
+            slot = live.index(k)
+            # Row j's cotangent is window[m - 1 - j : 2m - 1 - j]: a one-hot view.
+            window = out.new_zeros(2 * m - 1)
+            window[m - 1] = 1
+            out_shape = out.shape
+            flat_out = out.dim() == 1
         else:
-            blocks.append(torch.cat(chunks[k]).view(shape))
-    return blocks
+            # Every row is the same product with zero cotangents: compute it once.
+            slot, window = -1, None
+        m_rows = m if window is not None else 1
+        step = m_rows if chunk_size is None else min(chunk_size, m_rows)
+        used = [True] * n_in
+        chunks: List[List[Any]] = [[] for _ in range(n_in)]
+        preallocated: Optional[List[Any]] = None
+        for start in range(0, m_rows, step):
+            stop = min(start + step, m_rows)
+            rows: List[List[Any]] = [[] for _ in range(n_in)]
+            for j in range(start, stop):
+                if window is not None:
+                    seed = window[m - 1 - j : 2 * m - 1 - j]
+                    cotangents[slot] = seed if flat_out else seed.view(out_shape)
+                grads = grad(
+                    live_outs,
+                    inputs,
+                    cotangents,
+                    retain_graph=True,
+                    create_graph=keep_graph,
+                    allow_unused=True,
+                )
+                for i in range(n_in):
+                    g = grads[i]
+                    if g is None:
+                        # Whether an input is reachable does not depend on the row.
+                        used[i] = False
+                    else:
+                        rows[i].append(g)
+            if keep_graph or step >= m_rows:
+                for i in range(n_in):
+                    if used[i]:
+                        chunks[i].append(torch.stack(rows[i]))
+                continue
+            # Several chunks, no graph to keep: write each chunk into the
+            # result so that only one chunk of rows is in flight beside it.
+            if preallocated is None:
+                preallocated = [inp.new_zeros((m, *inp.shape)) for inp in inputs]
+            for i in range(n_in):
+                if used[i]:
+                    torch.stack(rows[i], out=preallocated[i][start:stop])
+        blocks = []
+        for i, (inp, shape) in enumerate(zip(inputs, shapes)):
+            if not used[i]:
+                blocks.append(inp.new_zeros(shape))
+            elif window is None:
+                blocks.append(chunks[i][0].expand((m, *inp.shape)).reshape(shape).clone())
+            elif preallocated is not None:
+                blocks.append(preallocated[i].view(shape))
+            elif len(chunks[i]) == 1:
+                blocks.append(chunks[i][0].view(shape))
+            else:
+                blocks.append(torch.cat(chunks[i]).view(shape))
+        per_output.append(blocks)
+    return per_output
+
+
+def _aux_leaf(leaf: Any, originals: Dict[int, Any], outer: Optional[_OuterGraph]) -> Any:
+    """One aux tensor as torch.func hands it back.
+
+    An argument handed back comes back as the caller's own tensor. Otherwise
+    the tensor stays attached where it depends on something outside this
+    level that requires grad. Under an outer ``no_grad``, torch.func's
+    operations record nothing outside, so only tensors that existed before
+    the call (leaves) and views of the arguments keep ``requires_grad``.
+    """
+    import torch
+
+    original = originals.get(id(leaf))
+    if original is not None:
+        return original
+    if outer is not None:
+        return leaf if outer.reaches(leaf) else leaf.detach()
+    if leaf.grad_fn is None:
+        return leaf
+    base = originals.get(id(leaf._base)) if leaf._base is not None else None
+    if base is not None:
+        # A view of an argument, made under no_grad as torch.func makes it:
+        # it keeps the argument's requires_grad but records no graph.
+        with torch.no_grad():
+            return base.as_strided(leaf.size(), leaf.stride(), leaf.storage_offset())
+    return leaf.detach()
 
 
 def _jacobian(
@@ -264,9 +352,8 @@ def _jacobian(
     chunk_size: Optional[int],
 ) -> Any:
     import torch
-    from torch.utils._pytree import tree_flatten, tree_unflatten
 
-    _error_if_complex(tree_flatten(args)[0], "inputs")
+    _error_if_complex(args if _all_tensors(args) else flatten(args)[0], "inputs")
     nums = normalize_argnums(argnums, len(args))
     check_chunk_size_type(chunk_size, "jacrev")
     # A transform ignores an outer no_grad for its own work, but its results
@@ -277,10 +364,13 @@ def _jacobian(
         primals = list(args)
         in_specs = []
         own: List[Any] = []
+        # Tensors handed back as aux come back as the caller's own objects.
+        originals: Dict[int, Any] = {id(a): a for a in args if isinstance(a, torch.Tensor)}
         for num in nums:
-            leaves, spec = tree_flatten(args[num])
+            leaves, spec = flatten(args[num])
             fresh = [_fresh(leaf, outer_grad) for leaf in leaves]
-            primals[num] = tree_unflatten(fresh, spec)
+            originals.update((id(new), old) for new, old in zip(fresh, leaves))
+            primals[num] = unflatten(fresh, spec)
             in_specs.append((spec, len(own), len(fresh)))
             own.extend(fresh)
         result = func(*primals)
@@ -292,29 +382,34 @@ def _jacobian(
                     "(output, aux) if has_aux is True"
                 )
             result, aux = result
-            aux_leaves, aux_spec = tree_flatten(aux)
+            aux_leaves, aux_spec = flatten(aux)
             for leaf in aux_leaves:
                 if not isinstance(leaf, torch.Tensor):
                     raise RuntimeError(f"Expected tensors, got unsupported type {type(leaf)}")
-        out_leaves, out_spec = tree_flatten(result)
+        out_leaves, out_spec = flatten(result)
         _check_outputs(out_leaves)
         _error_if_complex(out_leaves, "outputs")
         outer = _OuterGraph(own) if outer_grad else None
         keep_graph = outer is not None and outer.any(out_leaves)
-        per_output = [_jacobian_blocks(out, own, keep_graph, chunk_size, grad) for out in out_leaves]
+        per_output = _jacobian_blocks(out_leaves, own, keep_graph, chunk_size, grad)
+        if keep_graph:
+            # A block that depends only on this level's own leaves is not
+            # differentiable from outside: torch.func gives it no grad.
+            per_output = [
+                [b if outer.reaches(b) else b.detach() for b in blocks]  # type: ignore[union-attr]
+                for blocks in per_output
+            ]
     jac_leaves = []
     for blocks in per_output:
-        per_arg = [tree_unflatten(blocks[s : s + n], spec) for spec, s, n in in_specs]
+        per_arg = [unflatten(blocks[s : s + n], spec) for spec, s, n in in_specs]
         jac_leaves.append(tuple(per_arg) if isinstance(argnums, tuple) else per_arg[0])
-    jac = tree_unflatten(jac_leaves, out_spec)
+    jac = unflatten(jac_leaves, out_spec)
     if not has_aux:
         return jac
     # aux is not differentiated here, but stays attached where it depends on
     # something outside this level that requires grad.
-    kept = [
-        leaf if outer is not None and outer.reaches(leaf) else leaf.detach() for leaf in aux_leaves
-    ]
-    return jac, tree_unflatten(kept, aux_spec)
+    kept = [_aux_leaf(leaf, originals, outer) for leaf in aux_leaves]
+    return jac, unflatten(kept, aux_spec)
 
 
 def jacrev(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, cast
 
 __all__ = ["vmap"]
 
@@ -230,9 +230,7 @@ _RANDOM_ERROR = (
 )
 
 
-def _sample_args(
-    flat_args: List[Any], flat_in_dims: List[Optional[int]], i: int
-) -> List[Any]:
+def _sample_args(flat_args: List[Any], flat_in_dims: List[Optional[int]], i: int) -> List[Any]:
     return [arg if d is None else arg.select(d, i) for arg, d in zip(flat_args, flat_in_dims)]
 
 
@@ -353,7 +351,8 @@ def _run(
         column.clear()
         for leaves in outputs:
             leaves[k] = None
-    return tree_unflatten(result, out_spec)
+    # The loop above ran at least once, so the structure is known.
+    return tree_unflatten(result, cast(Any, out_spec))
 
 
 def vmap(

@@ -33,7 +33,7 @@ import functools
 import inspect
 import threading
 import warnings
-from typing import Any, Callable, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from ..backend import ArgNums, Backend
 from ..errors import CapabilityError
@@ -106,7 +106,7 @@ class FunctorchBackend(Backend):
     ) -> Callable[..., Any]:
         if self._deprecated:
             _warn_once()
-        kwargs = {"has_aux": has_aux}
+        kwargs: Dict[str, Any] = {"has_aux": has_aux}
         if _preallocate_and_copy:
             self._require(self._jacrev_params, "jacrev", "_preallocate_and_copy", "chunk_size")
             kwargs["_preallocate_and_copy"] = True
@@ -117,6 +117,18 @@ class FunctorchBackend(Backend):
                     chunked_jacrev(self._vjp, self._vmap, func, argnums, has_aux, chunk_size)
                 )
             kwargs["chunk_size"] = chunk_size
+        if _negative(argnums):
+            # functorch 0.2 silently returns zeros for a negative argnums;
+            # count from the front once the number of arguments is known.
+            native = self._jacrev
+
+            @functools.wraps(func)
+            def jacobian(*args: Any) -> Any:
+                positions = _positions(argnums, len(args))
+                nums = positions if isinstance(argnums, tuple) else positions[0]
+                return native(func, nums, **kwargs)(*args)
+
+            return self._refusing(jacobian)
         return self._refusing(self._jacrev(func, argnums, **kwargs))
 
     def vmap(
@@ -130,7 +142,7 @@ class FunctorchBackend(Backend):
     ) -> Callable[..., Any]:
         if self._deprecated:
             _warn_once()
-        kwargs = {}
+        kwargs: Dict[str, Any] = {}
         if randomness != "error":
             self._require(self._vmap_params, "vmap", "randomness", "randomness")
         if self._knows(self._vmap_params, "randomness"):
@@ -160,13 +172,11 @@ class FunctorchBackend(Backend):
         """Refuse an argument this functorch does not have (never drop it)."""
         if self._knows(params, name):
             return
-        from ..selection import alternatives_for
-
         raise CapabilityError(
             self.name,
             capability,
             f"functorch {self.version} has no {api}({name}=...)",
-            [n for n in alternatives_for(capability) if n != self.name],
+            _alternatives(capability, self.name),
             detail=f"{api}({name}=...)",
         )
 
@@ -230,13 +240,16 @@ def _positions(argnums: ArgNums, num_args: int) -> Tuple[int, ...]:
         if not isinstance(num, int) or isinstance(num, bool):
             raise RuntimeError(f"argnums must be int or Tuple[int, ...], got: {type(argnums)}")
         if not -num_args <= num < num_args:
-            raise RuntimeError(
-                f"Got argnums={argnums}, but only {num_args} positional inputs"
-            )
+            raise RuntimeError(f"Got argnums={argnums}, but only {num_args} positional inputs")
         positions.append(num % num_args if num_args else num)
     if len(set(positions)) != len(positions):
         raise RuntimeError(f"argnums elements must be unique, got {argnums}")
     return tuple(positions)
+
+
+def _negative(argnums: Any) -> bool:
+    nums = argnums if isinstance(argnums, tuple) else (argnums,)
+    return any(isinstance(n, int) and n < 0 for n in nums)
 
 
 def _basis_rows(flat_output: Sequence[Any], start: int, stop: int) -> List[Any]:
@@ -257,7 +270,7 @@ def _basis_rows(flat_output: Sequence[Any], start: int, stop: int) -> List[Any]:
         if lo < hi:
             idx = torch.arange(lo, hi, device=out.device)
             piece[idx - start, idx - offset] = 1
-        pieces.append(piece.view((rows,) + tuple(out.shape)))
+        pieces.append(piece.view((rows, *out.shape)))
         offset += numel
     return pieces
 
@@ -468,6 +481,27 @@ def _refused(exc: BaseException) -> Optional[str]:
         if fragment in text:
             return capability
     return None
+
+
+def _alternatives(capability: str, own: str) -> List[str]:
+    """Other built-in backends here that pass ``capability``.
+
+    This backend is left out: its own probe may be what is asking.
+    """
+    from ..errors import BackendUnavailableError
+    from ..registry import AUTO_ORDER, REGISTRY
+
+    names = []
+    for name in AUTO_ORDER:
+        if name == own:
+            continue
+        try:
+            backend = REGISTRY.get(name)
+        except BackendUnavailableError:
+            continue
+        if backend.supports(capability):
+            names.append(name)
+    return names
 
 
 def _cached_alternatives(capability: str, own: str) -> List[str]:

@@ -142,9 +142,7 @@ def jacrev(
                         f"at argnums, got {type(leaf).__name__}"
                     )
                 if not (leaf.is_floating_point() or leaf.is_complex()):
-                    raise RuntimeError(
-                        "only Tensors of floating point dtype can require gradients"
-                    )
+                    raise RuntimeError("only Tensors of floating point dtype can require gradients")
             specs.append((spec, len(leaves), len(arg_leaves)))
             leaves.extend(arg_leaves)
 

@@ -1,0 +1,442 @@
+"""Run the compatibility matrix and write docs/compatibility.rst from the real runs.
+
+For each tox environment (all of ``tox.ini``'s ``envlist``, or those named):
+
+1. ``tox -e ENV`` runs the whole test suite, with a JUnit XML report;
+2. the environment's own Python runs ``python -m adbackends --json``: the
+   automatic choice, what serves fjacrev/fvmap, and every probe's result for
+   every backend;
+3. both are condensed into ``tests/compat/results/ENV.json`` (the full log
+   and JUnit XML stay in ``--logs``).
+
+The table is then written from every saved result, so running a few
+environments updates their rows and keeps the others.
+
+Usage::
+
+    python tests/compat/run_matrix.py                    # every environment
+    python tests/compat/run_matrix.py torch112 torch20   # just these
+    python tests/compat/run_matrix.py --render-only      # rewrite the table only
+    python tests/compat/run_matrix.py --tox /path/to/tox --workdir /tmp/tox
+
+It needs tox 4 (``--tox``, default: ``tox`` on PATH) and the Pythons tox.ini
+names; pyenv's interpreters are found without activating them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from typing import Any, Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS = os.path.join(ROOT, "tests", "compat", "results")
+OUTPUT = os.path.join(ROOT, "docs", "compatibility.rst")
+BACKENDS = ("torch.func", "functorch", "loop")
+CAPABILITIES = (
+    "custom_function",
+    "legacy_function",
+    "transforms",
+    "higher_order",
+    "chunk_size",
+    "randomness",
+)
+YES, NO = "\u2713", "\u2717"
+
+
+# -- running ------------------------------------------------------------------------
+
+
+def _environ() -> Dict[str, str]:
+    """The caller's environment, without a backend choice, with pyenv's Pythons found."""
+    env = dict(os.environ)
+    env.pop("TAD_AD_BACKEND", None)
+    root = env.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    extra = sorted(glob.glob(os.path.join(root, "versions", "*", "bin")), reverse=True)
+    if extra:
+        env["PATH"] = os.pathsep.join([env.get("PATH", ""), *extra])
+    return env
+
+
+def _tox_command(args: argparse.Namespace) -> List[str]:
+    cmd = [args.tox, "-c", os.path.join(ROOT, "tox.ini")]
+    if args.workdir:
+        cmd += ["--workdir", args.workdir]
+    return cmd
+
+
+def envlist(args: argparse.Namespace) -> List[str]:
+    """The environments tox.ini lists, in order."""
+    out = subprocess.run(
+        [*_tox_command(args), "list", "--no-desc"],
+        capture_output=True,
+        text=True,
+        env=_environ(),
+        check=True,
+    ).stdout
+    return [line.strip() for line in out.splitlines() if re.fullmatch(r"[\w.-]+", line.strip())]
+
+
+def env_dir(args: argparse.Namespace, env: str) -> str:
+    out = subprocess.run(
+        [*_tox_command(args), "config", "-e", env, "-k", "env_dir"],
+        capture_output=True,
+        text=True,
+        env=_environ(),
+        check=True,
+    ).stdout
+    match = re.search(r"^env_dir\s*=\s*(.+)$", out, re.MULTILINE)
+    if not match:
+        raise RuntimeError(f"tox did not say where {env} lives:\n{out}")
+    return match.group(1).strip()
+
+
+def run_env(args: argparse.Namespace, env: str) -> Dict[str, Any]:
+    """Run one environment and return its condensed result."""
+    os.makedirs(RESULTS, exist_ok=True)
+    os.makedirs(args.logs, exist_ok=True)
+    log_path = os.path.join(args.logs, f"{env}.log")
+    xml_path = os.path.join(args.logs, f"{env}.xml")
+    if os.path.exists(xml_path):
+        os.remove(xml_path)
+    print(f"[{env}] running the test suite (log: {log_path})", flush=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    with open(log_path, "w") as log:
+        tox = subprocess.run(
+            [
+                *_tox_command(args),
+                "-e",
+                env,
+                "--",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={xml_path}",
+                *args.pytest_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_environ(),
+            cwd=ROOT,
+        )
+    python = os.path.join(env_dir(args, env), "bin", "python")
+    report = subprocess.run(
+        [python, "-m", "adbackends", "--json"],
+        capture_output=True,
+        text=True,
+        env=_environ(),
+        cwd=ROOT,
+    )
+    versions = subprocess.run(
+        [python, "-c", _VERSIONS],
+        capture_output=True,
+        text=True,
+        env=_environ(),
+        cwd=ROOT,
+    )
+    result = condense(
+        env,
+        report.stdout,
+        xml_path,
+        tox.returncode,
+        versions.stdout,
+        report.stderr,
+    )
+    result["date"] = started.strftime("%Y-%m-%d")
+    with open(os.path.join(RESULTS, f"{env}.json"), "w") as fh:
+        json.dump(result, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    suite = result["suite"]
+    print(
+        f"[{env}] tox exit {tox.returncode}: {suite['passed']} passed, {suite['failed']} failed, "
+        f"{suite['errors']} errors, {suite['skipped']} skipped; auto -> {result['auto']}",
+        flush=True,
+    )
+    return result
+
+
+_VERSIONS = """
+import json, platform
+out = {"python": platform.python_version()}
+try:
+    import torch
+    out["torch"] = torch.__version__
+except Exception as exc:
+    out["torch"] = None
+try:
+    import importlib.metadata as md
+    out["functorch_dist"] = md.version("functorch")
+except Exception:
+    out["functorch_dist"] = None
+print(json.dumps(out))
+"""
+
+
+def suite_counts(xml_path: str) -> Dict[str, int]:
+    """pytest's counts from its JUnit XML report (all zero when there is none)."""
+    counts = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    if not os.path.exists(xml_path):
+        return counts
+    root = ET.parse(xml_path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    for suite in suites:
+        counts["tests"] += int(suite.get("tests", 0))
+        counts["failed"] += int(suite.get("failures", 0))
+        counts["errors"] += int(suite.get("errors", 0))
+        counts["skipped"] += int(suite.get("skipped", 0))
+    counts["passed"] = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
+    return counts
+
+
+def failed_tests(xml_path: str) -> List[str]:
+    if not os.path.exists(xml_path):
+        return []
+    names = []
+    for case in ET.parse(xml_path).getroot().iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            names.append(f"{case.get('classname')}::{case.get('name')}")
+    return names
+
+
+def condense(
+    env: str,
+    report_json: str,
+    xml_path: str,
+    tox_rc: int,
+    versions_json: str = "",
+    report_err: str = "",
+) -> Dict[str, Any]:
+    """One environment's result as plain data (what results/ENV.json holds)."""
+    versions = json.loads(versions_json) if versions_json.strip() else {}
+    try:
+        report = json.loads(report_json)
+    except ValueError:
+        report = None
+    backends: Dict[str, Any] = {}
+    if report is not None:
+        for item in report["backends"]:
+            if item["name"] not in BACKENDS:
+                continue
+            if item["status"] != "ok":
+                backends[item["name"]] = {"loads": False, "reason": item["reason"]}
+                continue
+            backends[item["name"]] = {
+                "loads": True,
+                "version": item["version"],
+                "capabilities": {c: r["ok"] for c, r in item["capabilities"].items()},
+                "reasons": {c: r["reason"] for c, r in item["capabilities"].items() if not r["ok"]},
+            }
+    native = (report or {}).get("native", {})
+    return {
+        "env": env,
+        "python": (report or {}).get("python") or versions.get("python"),
+        "torch": (report or {}).get("torch") or versions.get("torch"),
+        "functorch_dist": versions.get("functorch_dist"),
+        "auto": (report or {}).get("active", {}).get("name"),
+        "native": native.get("name"),
+        "native_error": native.get("error"),
+        "report_error": None if report is not None else (report_err.strip()[-500:] or "no report"),
+        "backends": backends,
+        "suite": suite_counts(xml_path),
+        "failed_tests": failed_tests(xml_path),
+        "tox_exit": tox_rc,
+    }
+
+
+# -- writing the table -----------------------------------------------------------------
+
+
+def load_results(order: Sequence[str]) -> List[Dict[str, Any]]:
+    results = []
+    for path in glob.glob(os.path.join(RESULTS, "*.json")):
+        with open(path) as fh:
+            results.append(json.load(fh))
+    rank = {env: i for i, env in enumerate(order)}
+    results.sort(key=lambda r: (rank.get(r["env"], len(rank)), r["env"]))
+    return results
+
+
+def _short_torch(version: Optional[str]) -> str:
+    return (version or "?").split("+")[0]
+
+
+def _functorch_cell(result: Dict[str, Any]) -> str:
+    ft = result["backends"].get("functorch", {})
+    if not ft.get("loads"):
+        return "none"
+    if result.get("functorch_dist"):
+        return f"{result['functorch_dist']} (PyPI)"
+    return "bundled"
+
+
+def _suite_cell(result: Dict[str, Any]) -> str:
+    s = result["suite"]
+    if s["tests"] == 0:
+        return f"did not run (tox exit {result['tox_exit']})"
+    text = f"{s['passed']} passed, {s['failed'] + s['errors']} failed, {s['skipped']} skipped"
+    return text
+
+
+def _list_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    lines = [f".. list-table:: {title}", "   :header-rows: 1", ""]
+    for row in [header, *rows]:
+        lines.append(f"   * - {row[0]}")
+        lines.extend(f"     - {cell}" for cell in row[1:])
+    lines.append("")
+    return lines
+
+
+def render(results: Sequence[Dict[str, Any]]) -> str:
+    lines = [
+        ".. This file is written by tests/compat/run_matrix.py from real runs of",
+        "   the tox environments; edit the script, not the table.",
+        "",
+        "Compatibility",
+        "=============",
+        "",
+        "adbackends is tested on every torch in the table below: each row is one",
+        "tox environment (see ``tox.ini``) that ran the whole test suite. The",
+        "test suite checks, in each environment, that automatic selection picks",
+        "what the design promises for that torch and that every backend passes",
+        "exactly the capabilities listed here; nothing is skipped because a",
+        "torch is old. Rows are regenerated with",
+        "",
+        ".. code-block:: console",
+        "",
+        "   $ python tests/compat/run_matrix.py            # every environment",
+        "   $ python tests/compat/run_matrix.py torch112   # one row",
+        "",
+        "To see the same for the environment at hand, run ``python -m adbackends``;",
+        ":doc:`capabilities` explains each probe.",
+        "",
+        "What the transforms resolve to",
+        "------------------------------",
+        "",
+        "``jacrev``/``vmap`` use the automatic choice; ``fjacrev``/``fvmap`` use the",
+        "best backend with native composable transforms.",
+        "",
+    ]
+    rows = []
+    for r in results:
+        native = r["native"] or "error: install torch >= 2.0 or functorch"
+        rows.append(
+            [
+                f"``{r['env']}``",
+                r["python"] or "?",
+                _short_torch(r["torch"]),
+                _functorch_cell(r),
+                r["auto"] or f"error: {r.get('report_error')}",
+                native,
+                _suite_cell(r),
+            ]
+        )
+    lines += _list_table(
+        "",
+        ["env", "Python", "torch", "functorch", "jacrev / vmap", "fjacrev / fvmap", "test suite"],
+        rows,
+    )
+    lines += [
+        "Capabilities",
+        "------------",
+        "",
+        f"{YES}: the probe passes; {NO}: it fails (the reason is below); a backend",
+        "that does not load has a dash.",
+        "",
+    ]
+    rows = []
+    for r in results:
+        for name in BACKENDS:
+            info = r["backends"].get(name)
+            cells = [f"``{r['env']}``", name]
+            if not info or not info.get("loads"):
+                cells += ["\u2014"] * len(CAPABILITIES)
+            else:
+                cells += [YES if info["capabilities"].get(c) else NO for c in CAPABILITIES]
+            rows.append(cells)
+    lines += _list_table("", ["env", "backend", *CAPABILITIES], rows)
+
+    lines += ["Why a probe fails or a backend does not load", "-" * 44, ""]
+    for r in results:
+        notes = []
+        for name in BACKENDS:
+            info = r["backends"].get(name, {})
+            if info and not info.get("loads"):
+                notes.append(f"* {name}: does not load: {_rst_text(info.get('reason'))}")
+            for cap, why in sorted(info.get("reasons", {}).items()):
+                notes.append(f"* {name}, ``{cap}``: {_rst_text(why)}")
+        if r["failed_tests"]:
+            shown = ", ".join(f"``{t}``" for t in r["failed_tests"][:10])
+            more = len(r["failed_tests"]) - 10
+            notes.append(f"* failing tests: {shown}" + (f" and {more} more" if more > 0 else ""))
+        if notes:
+            lines += [f"``{r['env']}`` (torch {_short_torch(r['torch'])})", ""]
+            lines += notes
+            lines.append("")
+    dates = sorted({r.get("date", "") for r in results if r.get("date")})
+    if dates:
+        lines += [f"Last run: {', '.join(dates)}.", ""]
+    return "\n".join(lines)
+
+
+def _rst_text(text: Optional[str]) -> str:
+    text = (text or "").replace("\n", " ")
+    if len(text) > 180:
+        text = text[:177] + "..."
+    # Keep inline markup characters from being read as markup.
+    return re.sub(r"([*`|_\\])", r"\\\1", text)
+
+
+# -- command line ---------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("envs", nargs="*", help="tox environments (default: tox.ini's envlist)")
+    parser.add_argument("--tox", default=shutil.which("tox") or "tox", help="the tox to run")
+    parser.add_argument("--workdir", help="tox's --workdir (where the environments live)")
+    parser.add_argument("--output", default=OUTPUT, help="where to write the table")
+    parser.add_argument(
+        "--logs",
+        default=os.path.join(tempfile.gettempdir(), "adbackends-matrix"),
+        help="where each environment's log and JUnit XML go",
+    )
+    parser.add_argument(
+        "--render-only", action="store_true", help="write the table from saved results, run nothing"
+    )
+    parser.add_argument(
+        "--pytest-args", nargs=argparse.REMAINDER, default=[], help="extra pytest arguments"
+    )
+    args = parser.parse_args(argv)
+
+    order = list(args.envs)
+    if not args.render_only:
+        order = args.envs or envlist(args)
+        for env in order:
+            run_env(args, env)
+    else:
+        try:
+            order = envlist(args)
+        except (OSError, subprocess.CalledProcessError):
+            order = []
+    results = load_results(order)
+    if not results:
+        print("no results to write", file=sys.stderr)
+        return 1
+    with open(args.output, "w", encoding="utf-8") as fh:
+        fh.write(render(results))
+    print(f"wrote {os.path.relpath(args.output, ROOT)}")
+    bad = [r["env"] for r in results if r["env"] in order and (r["tox_exit"] or not r["auto"])]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
