@@ -52,7 +52,8 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
     "TINY_ENV",
@@ -101,7 +102,7 @@ def _run(fn: Callable[[], Any], number: int) -> float:
 
 
 def compare(
-    fns: Dict[str, Callable[[], Any]],
+    fns: Mapping[str, Callable[[], Any]],
     *,
     repeats: int = 7,
     min_time: float = 0.05,
@@ -144,6 +145,15 @@ def compare(
         for name in order:
             times[name].append(_run(fns[name], numbers[name]) / numbers[name])
     return times
+
+
+def _applied(transform: Callable[..., Any], f: Callable[..., Any], x: Any) -> Callable[[], Any]:
+    """``transform(f)(x)`` as a callable: the transform is made on every call, as users do."""
+
+    def run() -> Any:
+        return transform(f)(x)
+
+    return run
 
 
 def median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
@@ -304,7 +314,7 @@ def grid(
         results: Dict[str, Any] = {}
         for name, backend in backends.items():
             make = getattr(backend, transform)
-            fns[name] = lambda make=make, f=f, x=x: make(f)(x)
+            fns[name] = _applied(make, f, x)
             with _quiet():
                 results[name] = fns[name]()
         with _quiet():
@@ -430,10 +440,13 @@ def cli_bench(args: argparse.Namespace) -> int:
 def p1_dispatch(*, repeats: int = 21, min_time: float = 0.1) -> List[Dict[str, Any]]:
     """``adbackends.X(f)(x)`` against ``torch.func.X(f)(x)`` for a small ``f`` (P1).
 
-    Also times making the transform alone (``adbackends.jacrev(f)`` against
-    ``torch.func.jacrev(f)``): the registry's whole cost is paid there, so
-    the difference of the two, divided by the time of a whole call, is the
-    overhead with far less noise than the ratio of two whole calls.
+    The same call timed against itself gives ``control_ratio``: the noise
+    floor of a whole-call ratio on this machine. Making the transform alone
+    is timed too (``adbackends.jacrev(f)`` against ``torch.func.jacrev(f)``):
+    the registry's whole cost is paid there, since the function it returns
+    is torch.func's own, so the difference of the two, divided by the time
+    of a whole call, is the overhead with far less noise than the ratio of
+    two whole calls.
     """
     import torch
     import torch.func
@@ -455,16 +468,19 @@ def p1_dispatch(*, repeats: int = 21, min_time: float = 0.1) -> List[Dict[str, A
         ("vmap", transforms.vmap, torch.func.vmap, xs),
     ):
         assert torch.equal(ours(f)(arg), theirs(f)(arg))
+        # "again" is torch.func a second time: the A/A control whose ratio
+        # shows how far two identical things drift apart here.
         calls = compare(
             {
-                "adbackends": lambda o=ours, a=arg: o(f)(a),
-                "torch.func": lambda t=theirs, a=arg: t(f)(a),
+                "adbackends": _applied(ours, f, arg),
+                "torch.func": _applied(theirs, f, arg),
+                "again": _applied(theirs, f, arg),
             },
             repeats=repeats,
             min_time=min_time,
         )
         makes = compare(
-            {"adbackends": lambda o=ours: o(f), "torch.func": lambda t=theirs: t(f)},
+            {"adbackends": partial(ours, f), "torch.func": partial(theirs, f)},
             repeats=repeats,
             min_time=min_time,
         )
@@ -474,6 +490,7 @@ def p1_dispatch(*, repeats: int = 21, min_time: float = 0.1) -> List[Dict[str, A
             {
                 "transform": name,
                 "ratio": median_ratio(calls["adbackends"], calls["torch.func"]),
+                "control_ratio": median_ratio(calls["again"], calls["torch.func"]),
                 "torch_func_call_us": call * 1e6,
                 "dispatch_us": extra * 1e6,
                 "overhead_ratio": 1.0 + extra / call,
@@ -498,10 +515,10 @@ def p2_loop_jacrev(
     out = []
     for n in sizes:
         f, x = jac_problem(n)
-        fns = {
-            "loop": lambda f=f, x=x: loop.jacrev(f)(x),
-            "functional": lambda f=f, x=x: jacobian(f, x, vectorize=False),
-            "grad_loop": lambda f=f, x=x: grad_loop_jacobian(f, x),
+        fns: Dict[str, Callable[[], Any]] = {
+            "loop": _applied(loop.jacrev, f, x),
+            "functional": partial(jacobian, f, x, vectorize=False),
+            "grad_loop": partial(grad_loop_jacobian, f, x),
         }
         results = {name: fn() for name, fn in fns.items()}
         times = compare(fns, repeats=repeats, min_time=min_time, warmup=False)
@@ -530,9 +547,9 @@ def p3_loop_vmap(
     out = []
     for b in sizes:
         f, xs = vmap_problem(b)
-        fns = {
-            "loop": lambda f=f, xs=xs: loop.vmap(f)(xs),
-            "stack_loop": lambda f=f, xs=xs: stack_loop_vmap(f, xs),
+        fns: Dict[str, Callable[[], Any]] = {
+            "loop": _applied(loop.vmap, f, xs),
+            "stack_loop": partial(stack_loop_vmap, f, xs),
         }
         results = {name: fn() for name, fn in fns.items()}
         times = compare(fns, repeats=repeats, min_time=min_time, warmup=False)
@@ -550,8 +567,10 @@ def p3_loop_vmap(
 # -- P4: cold start -------------------------------------------------------------
 
 _COLD = {
-    "adbackends": ("import torch, adbackends; adbackends.jacrev(torch.sin)(torch.ones(3))"),
-    "torch.func": ("import torch, torch.func; torch.func.jacrev(torch.sin)(torch.ones(3))"),
+    "adbackends": "import torch, adbackends; adbackends.jacrev(torch.sin)(torch.ones(3))",
+    "torch.func": "import torch, torch.func; torch.func.jacrev(torch.sin)(torch.ones(3))",
+    "adbackends vmap": "import torch, adbackends; adbackends.vmap(torch.sin)(torch.ones(2, 3))",
+    "torch.func vmap": "import torch, torch.func; torch.func.vmap(torch.sin)(torch.ones(2, 3))",
     "import torch": "import torch",
 }
 
@@ -563,12 +582,13 @@ def _child_env() -> Dict[str, str]:
     return env
 
 
-def p4_cold_start(pairs: int = 20) -> Dict[str, Any]:
+def p4_cold_start(pairs: int = 10) -> Dict[str, Any]:
     """A fresh ``python -c`` importing and doing one jacrev, with and without adbackends (P4).
 
-    The two scripts alternate (A B B A ...); the ratio is the median of the
-    per-pair ratios. ``import torch`` alone is timed too, to show how much
-    of a cold start is torch itself.
+    The scripts alternate (forward, then backward order); the ratio is the
+    median of the per-round ratios. The same is done for a program whose
+    first transform is a ``vmap`` (``vmap_ratio``), and ``import torch``
+    alone is timed to show how much of a cold start is torch itself.
     """
     env = _child_env()
     times: Dict[str, List[float]] = {name: [] for name in _COLD}
@@ -588,6 +608,9 @@ def p4_cold_start(pairs: int = 20) -> Dict[str, Any]:
         "torch_func_s": statistics.median(times["torch.func"]),
         "import_torch_s": statistics.median(times["import torch"]),
         "ratio": median_ratio(times["adbackends"], times["torch.func"]),
+        "adbackends_vmap_s": statistics.median(times["adbackends vmap"]),
+        "torch_func_vmap_s": statistics.median(times["torch.func vmap"]),
+        "vmap_ratio": median_ratio(times["adbackends vmap"], times["torch.func vmap"]),
         "stages_ms": stages,
     }
 
@@ -734,10 +757,10 @@ def strategy(
     for kind in kinds:
         for n in sizes:
             f, x = jac_problem(n, kind=kind)
-            fns = {
-                "torch.func": lambda f=f, x=x: torch.func.jacrev(f)(x),
-                "grad_loop": lambda f=f, x=x: grad_loop_jacobian(f, x),
-                "loop": lambda f=f, x=x: loop.jacrev(f)(x),
+            fns: Dict[str, Callable[[], Any]] = {
+                "torch.func": _applied(torch.func.jacrev, f, x),
+                "grad_loop": partial(grad_loop_jacobian, f, x),
+                "loop": _applied(loop.jacrev, f, x),
             }
             ref = fns["torch.func"]()
             mine = fns["grad_loop"]()
@@ -775,7 +798,7 @@ def full(parts: Sequence[str] = ("P1", "P2", "P3", "P4", "P5", "P6", "S")) -> Ta
         "P2": p2_loop_jacrev,
         "P3": p3_loop_vmap,
         "P4": p4_cold_start,
-        "P5": lambda: grid((8, 64, 256, 1024), (8, 64, 256, 1024)),
+        "P5": partial(grid, (8, 64, 256, 1024), (8, 64, 256, 1024)),
         "P6": p6_memory,
         "S": strategy,
     }
@@ -798,7 +821,8 @@ def _format_full(data: Table) -> str:
         lines += ["", "P1 dispatch overhead (target <= 1.02)"]
         for r in data["P1"]:
             lines.append(
-                f"  {r['transform']:<7} call ratio {r['ratio']:.3f}   dispatch "
+                f"  {r['transform']:<7} call ratio {r['ratio']:.3f} (A/A control "
+                f"{r['control_ratio']:.3f})   dispatch "
                 f"{r['dispatch_us']:.2f} us on a {r['torch_func_call_us']:.0f} us call "
                 f"-> {r['overhead_ratio']:.4f}"
             )
@@ -824,7 +848,9 @@ def _format_full(data: Table) -> str:
             "P4 cold start (target <= 1.03)",
             f"  adbackends {r['adbackends_s']:.3f} s   torch.func {r['torch_func_s']:.3f} s   "
             f"import torch {r['import_torch_s']:.3f} s   ratio {r['ratio']:.3f} "
-            f"({r['pairs']} alternating pairs)",
+            f"({r['pairs']} alternating rounds)",
+            f"  first transform a vmap: adbackends {r['adbackends_vmap_s']:.3f} s   torch.func "
+            f"{r['torch_func_vmap_s']:.3f} s   ratio {r['vmap_ratio']:.3f}",
         ]
         for which, stages in r["stages_ms"].items():
             lines.append(
@@ -865,7 +891,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--only", default="", help="with --full: comma-separated parts, e.g. P1,P4")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--tiny", action="store_true", help="a minimal run (checks, not speed)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch.set_num_threads first (0: leave as is)"
+    )
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not args.full:
         return cli_bench(args)
     parts = [p.strip() for p in args.only.split(",") if p.strip()] or None

@@ -7,11 +7,13 @@ docs/_build/doctest``.
 
 from __future__ import annotations
 
+from typing import Any, Dict, List
+
 import adbackends
 
 project = "adbackends"
 author = "adbackends developers"
-copyright = "adbackends developers"  # noqa: A001 (Sphinx's name for it)
+copyright = "adbackends developers"
 release = adbackends.__version__
 version = ".".join(release.split(".")[:2])
 
@@ -29,11 +31,9 @@ default_role = "code"
 
 # A reference to a name that is not documented here fails the -W build.
 nitpicky = True
-# Names from outside this project. There is no network during the build, so
-# intersphinx cannot resolve them; they are rendered as plain text instead.
+# Only names from outside this project belong here. The build has no
+# network, so intersphinx cannot resolve torch's names: they stay plain text.
 nitpick_ignore = [
-    # torch's own classes, in signatures and docstrings: no intersphinx
-    # inventory can be fetched, so they are shown as plain names.
     ("py:class", "torch.Tensor"),
     ("py:class", "Tensor"),
 ]
@@ -73,4 +73,39 @@ doctest_test_doctest_blocks = "default"
 
 html_theme = "furo"
 html_title = f"adbackends {release}"
-html_static_path: list[str] = []
+html_static_path: List[str] = []
+
+
+# -- attribute docstrings ----------------------------------------------------
+
+# Napoleon reads the first line of an attribute's docstring as "type: text",
+# so ``#: Where it comes from: "built-in", ...`` would document an attribute
+# of type "Where it comes from". Attribute comments here are prose (types come
+# from the annotations): they are kept out of napoleon's hands, unless they
+# hold a numpy-style section.
+_ATTRIBUTE_KINDS = ("attribute", "data", "property")
+_prose: Dict[str, List[str]] = {}
+
+
+def _has_section(lines: List[str]) -> bool:
+    return any(line.strip() and set(line.strip()) == {"-"} for line in lines)
+
+
+def _before_napoleon(
+    app: Any, what: str, name: str, obj: Any, options: Any, lines: List[str]
+) -> None:
+    if what in _ATTRIBUTE_KINDS and not _has_section(lines):
+        _prose[name] = list(lines)
+
+
+def _after_napoleon(
+    app: Any, what: str, name: str, obj: Any, options: Any, lines: List[str]
+) -> None:
+    if name in _prose:
+        lines[:] = _prose.pop(name)
+
+
+def setup(app: Any) -> None:
+    # Napoleon's handler runs at the default priority, 500.
+    app.connect("autodoc-process-docstring", _before_napoleon, priority=400)
+    app.connect("autodoc-process-docstring", _after_napoleon, priority=600)

@@ -223,3 +223,54 @@ def test_without_functorch():
         message = out["error"]
         assert "functorch" in message and "torch >= 2.0" in message
         assert "pip install functorch==0.2.1" in message
+
+
+# -- the matrix script ---------------------------------------------------------------
+
+
+def _matrix_script():
+    import importlib.util as util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "compat" / "run_matrix.py"
+    spec = util.spec_from_file_location("run_matrix", path)
+    assert spec is not None and spec.loader is not None
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_matrix_script_condenses_and_renders_this_environment(tmp_path):
+    matrix = _matrix_script()
+    report = subprocess.run(
+        [sys.executable, "-m", "adbackends", "--json"],
+        env={k: v for k, v in os.environ.items() if k != selection.ENV_VAR},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    xml = tmp_path / "suite.xml"
+    xml.write_text(
+        '<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2">'
+        '<testcase classname="tests.test_x" name="test_ok"/>'
+        '<testcase classname="tests.test_x" name="test_bad"><failure message="no"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    assert list(matrix.CAPABILITIES) == list(adbackends.PROBES), "the table shows every probe"
+    result = matrix.condense("here", report.stdout, str(xml), 1)
+    assert result["auto"] == expected_auto()
+    assert result["native"] == expected_native()
+    assert result["suite"] == {"tests": 5, "passed": 2, "failed": 1, "errors": 0, "skipped": 2}
+    assert result["failed_tests"] == ["tests.test_x::test_bad"]
+    for name in adbackends.AUTO_ORDER:
+        assert result["backends"][name]["loads"] == expected_loads()[name]
+        if expected_loads()[name]:
+            assert result["backends"][name]["capabilities"] == expected_capabilities(name)
+
+    text = matrix.render([result])
+    short = str(torch.__version__).split("+")[0]
+    assert f"     - {short}\n     - " in text
+    assert "2 passed, 1 failed, 2 skipped" in text
+    row = text.split("   * - ``here``\n     - loop\n", 1)[1].split("\n   * -", 1)[0]
+    marks = [line.strip()[2:] for line in row.splitlines() if line.strip().startswith("- ")]
+    assert marks == [matrix.YES if _LOOP[c] else matrix.NO for c in matrix.CAPABILITIES]

@@ -224,6 +224,8 @@ CASES = {
     "detached output": (lambda x, y: x.detach() * y, 0),
     "float32 output": (lambda x, y: (x * y).float(), (0, 1)),
     "identity": (lambda x, y: x, 0),
+    "same tensor twice": (lambda x, y: (x, x * 1, x), 0),
+    "pass-through twice": (lambda x, y: (x + x, x, x.sum(), (x * 1).reshape(3, 1)), (0, 1)),
     "empty output": (lambda x, y: x[:0], 0),
     "scalar output": (lambda x, y: (x * y).sum(), 1),
     "closure": (lambda x, y: x.sin() * _W, 0),
@@ -364,3 +366,24 @@ def test_empty_input(loop, reference):
         return t.sum() * torch.ones(2, dtype=torch.float64)
 
     assert_same(loop.jacrev(f)(x), reference.jacrev(f)(x))
+
+
+def test_differentiates_inside_inference_mode(loop):
+    with torch.inference_mode():
+        x = _x(3)
+        jac = loop.jacrev(lambda t: t.sin() * 2)(x)
+        hess = loop.jacrev(loop.jacrev(lambda t: (t**3).sum()))(x)
+    assert torch.allclose(jac, torch.diag(2 * x.cos()))
+    assert torch.allclose(hess, torch.diag(6 * x))
+
+
+def test_inference_mode_matches(loop, reference):
+    w = _w()
+    with torch.inference_mode():
+        x = _x(3)
+        for build in (
+            lambda b: b.jacrev(lambda t: t.sin() * w)(x),
+            lambda b: b.jacrev(lambda t: (t.exp(), t * 2), has_aux=True)(x),
+            lambda b: b.vmap(b.jacrev(torch.tanh))(x.reshape(3, 1)),
+        ):
+            assert_same(build(loop), build(reference))

@@ -35,19 +35,20 @@ _LEAF = object()
 def flatten(tree: Any) -> Tuple[List[Any], Any]:
     """``tree_flatten``, without its cost when ``tree`` is a single tensor."""
     import torch
-    from torch.utils._pytree import tree_flatten
 
     if isinstance(tree, torch.Tensor):
         return [tree], _LEAF
+    from torch.utils._pytree import tree_flatten
+
     return tree_flatten(tree)
 
 
 def unflatten(leaves: Sequence[Any], spec: Any) -> Any:
     """The inverse of :func:`flatten`."""
-    from torch.utils._pytree import tree_unflatten
-
     if spec is _LEAF:
         return leaves[0]
+    from torch.utils._pytree import tree_unflatten
+
     return tree_unflatten(list(leaves), spec)
 
 
@@ -149,6 +150,9 @@ def _fresh(value: Any, attach: bool) -> Any:
         raise ValueError(f"Thing passed to transform API must be Tensor, got {type(value)}")
     if attach and value.requires_grad:
         return value.view_as(value)
+    if value.is_inference():
+        # Made under inference_mode: autograd cannot record it, a copy it can.
+        value = value.clone()
     # requires_grad_ raises torch's own error for integer and bool tensors.
     return value.detach().requires_grad_(True)
 
@@ -222,6 +226,45 @@ def _original_grad() -> Callable[..., Any]:
 
 # -- the rows ------------------------------------------------------------------
 
+# One-hot rows by (shape, dtype, device): read-only, so they can be shared.
+_ROWS: Dict[Tuple[Any, Any, Any], Any] = {}
+_ROWS_CACHE_LIMIT = 64
+_ROWS_CACHE_MAX_NUMEL = 4096
+
+
+def _one_hot_rows(out: Any) -> Any:
+    """Every one-hot cotangent for ``out``, as overlapping views of one window.
+
+    The window is ``2 m - 1`` zeros with a one in the middle; ``rows[r]`` is
+    the view starting at ``r``, shaped like ``out``, with its one at flat index
+    ``m - 1 - r``; so row ``j`` of the Jacobian takes ``rows[m - 1 - j]``.
+    Nothing of size ``m x m`` is allocated. The rows are only read (autograd
+    never writes into the cotangents it is given), so small ones are cached:
+    making them costs more than a small backward pass.
+    """
+    key = (tuple(out.shape), out.dtype, out.device)
+    rows = _ROWS.get(key)
+    if rows is not None:
+        return rows
+    import torch
+
+    m = out.numel()
+    # A normal tensor even under inference_mode, since it is cached.
+    with torch.inference_mode(False):
+        window = out.new_zeros(2 * m - 1)
+        window[m - 1] = 1
+    strides = []
+    step = 1
+    for size in reversed(key[0]):
+        strides.append(step)
+        step *= size
+    rows = window.as_strided((m, *key[0]), (1, *reversed(strides)))
+    if m <= _ROWS_CACHE_MAX_NUMEL:
+        if len(_ROWS) >= _ROWS_CACHE_LIMIT:
+            _ROWS.clear()
+        _ROWS[key] = rows
+    return rows
+
 
 def _jacobian_blocks(
     outs: Sequence[Any],
@@ -236,85 +279,129 @@ def _jacobian_blocks(
     together, with a one-hot cotangent for the row's output and zeros for the
     others; so a block gets a graph wherever torch.func's would.
     """
-    import torch
-
+    if len(outs) == 1 and outs[0].requires_grad and outs[0].numel():
+        return [_rows(outs[0], 0, list(outs), [None], inputs, keep_graph, chunk_size, grad)]
+    # Positions, not identities: the same tensor may be returned twice.
     live = [k for k, out in enumerate(outs) if out.requires_grad]
-    # The outputs are differentiated as they are (reshaping them would add a
-    # node to every backward pass); the cotangents take their shapes instead.
     live_outs = [outs[k] for k in live]
-    zeros = [out.new_zeros(out.shape) for out in live_outs]
-    n_in = len(inputs)
+    # Zero cotangents for the outputs other than the row's, made when needed.
+    zeros: List[Any] = [None] * len(live_outs)
     per_output: List[List[Any]] = []
     for k, out in enumerate(outs):
         m = out.numel()
-        shapes = [tuple(out.shape) + tuple(inp.shape) for inp in inputs]
-        if m == 0 or not live:
-            per_output.append([inp.new_zeros(shape) for inp, shape in zip(inputs, shapes)])
+        if m == 0 or not live_outs:
+            per_output.append([inp.new_zeros((*out.shape, *inp.shape)) for inp in inputs])
             continue
-        cotangents = list(zeros)
-        if k in live:
-            slot = live.index(k)
-            # Row j's cotangent is window[m - 1 - j : 2m - 1 - j]: a one-hot view.
-            window = out.new_zeros(2 * m - 1)
-            window[m - 1] = 1
-            out_shape = out.shape
-            flat_out = out.dim() == 1
-        else:
-            # Every row is the same product with zero cotangents: compute it once.
-            slot, window = -1, None
-        m_rows = m if window is not None else 1
-        step = m_rows if chunk_size is None else min(chunk_size, m_rows)
-        used = [True] * n_in
-        chunks: List[List[Any]] = [[] for _ in range(n_in)]
-        preallocated: Optional[List[Any]] = None
-        for start in range(0, m_rows, step):
-            stop = min(start + step, m_rows)
-            rows: List[List[Any]] = [[] for _ in range(n_in)]
-            for j in range(start, stop):
-                if window is not None:
-                    seed = window[m - 1 - j : 2 * m - 1 - j]
-                    cotangents[slot] = seed if flat_out else seed.view(out_shape)
-                grads = grad(
-                    live_outs,
+        slot = live.index(k) if out.requires_grad else -1
+        for s, other in enumerate(live_outs):
+            if s != slot and zeros[s] is None:
+                zeros[s] = other.new_zeros(other.shape)
+        if slot < 0:
+            # Every row is the same product with zero cotangents: do it once.
+            grads = grad(
+                live_outs,
+                inputs,
+                zeros,
+                retain_graph=True,
+                create_graph=keep_graph,
+                allow_unused=True,
+            )
+            per_output.append(
+                [
+                    inp.new_zeros((*out.shape, *inp.shape))
+                    if g is None
+                    else g.expand((m, *inp.shape)).reshape((*out.shape, *inp.shape)).clone()
+                    for g, inp in zip(grads, inputs)
+                ]
+            )
+            continue
+        per_output.append(_rows(out, slot, live_outs, zeros, inputs, keep_graph, chunk_size, grad))
+    return per_output
+
+
+def _rows(
+    out: Any,
+    slot: int,
+    live_outs: List[Any],
+    zeros: List[Any],
+    inputs: Sequence[Any],
+    keep_graph: bool,
+    chunk_size: Optional[int],
+    grad: Callable[..., Any],
+) -> List[Any]:
+    """The Jacobian blocks of the live output ``out``, row by row."""
+    import torch
+
+    m = out.numel()
+    seeds = _one_hot_rows(out)
+    if len(live_outs) == 1:
+        # The common case, kept lean: one output, its one-hot row as cotangent.
+        def products(start: int, stop: int) -> List[Any]:
+            # Rows start..stop-1 take seeds m-1-start down to m-stop.
+            chunk = (seeds if stop - start == m else seeds[m - stop : m - start]).unbind(0)
+            return [
+                grad(
+                    out,
                     inputs,
-                    cotangents,
+                    seed,
                     retain_graph=True,
                     create_graph=keep_graph,
                     allow_unused=True,
                 )
-                for i in range(n_in):
-                    g = grads[i]
-                    if g is None:
-                        # Whether an input is reachable does not depend on the row.
-                        used[i] = False
-                    else:
-                        rows[i].append(g)
-            if keep_graph or step >= m_rows:
-                for i in range(n_in):
-                    if used[i]:
-                        chunks[i].append(torch.stack(rows[i]))
-                continue
-            # Several chunks, no graph to keep: write each chunk into the
-            # result so that only one chunk of rows is in flight beside it.
-            if preallocated is None:
-                preallocated = [inp.new_zeros((m, *inp.shape)) for inp in inputs]
-            for i in range(n_in):
-                if used[i]:
-                    torch.stack(rows[i], out=preallocated[i][start:stop])
+                for seed in reversed(chunk)
+            ]
+
+    else:
+        cotangents = list(zeros)
+
+        def products(start: int, stop: int) -> List[Any]:
+            result = []
+            for seed in reversed(seeds[m - stop : m - start].unbind(0)):
+                cotangents[slot] = seed
+                result.append(
+                    grad(
+                        live_outs,
+                        inputs,
+                        cotangents,
+                        retain_graph=True,
+                        create_graph=keep_graph,
+                        allow_unused=True,
+                    )
+                )
+            return result
+
+    shapes = [(*out.shape, *inp.shape) for inp in inputs]
+    step = m if chunk_size is None else min(chunk_size, m)
+    if step >= m or keep_graph:
+        # One chunk, or a graph to keep: stack each chunk, join the chunks.
+        chunks: List[List[Any]] = [[] for _ in inputs]
+        for start in range(0, m, step):
+            rows = products(start, min(start + step, m))
+            for i, column in enumerate(chunks):
+                if rows[0][i] is not None:
+                    column.append(torch.stack([row[i] for row in rows]))
+            del rows
         blocks = []
-        for i, (inp, shape) in enumerate(zip(inputs, shapes)):
-            if not used[i]:
+        for inp, shape, column in zip(inputs, shapes, chunks):
+            if not column:
                 blocks.append(inp.new_zeros(shape))
-            elif window is None:
-                blocks.append(chunks[i][0].expand((m, *inp.shape)).reshape(shape).clone())
-            elif preallocated is not None:
-                blocks.append(preallocated[i].view(shape))
-            elif len(chunks[i]) == 1:
-                blocks.append(chunks[i][0].view(shape))
-            else:
-                blocks.append(torch.cat(chunks[i]).view(shape))
-        per_output.append(blocks)
-    return per_output
+                continue
+            block = column[0] if len(column) == 1 else torch.cat(column)
+            # Stacked rows are (m, *inp.shape): already shaped for a 1-d output.
+            blocks.append(block if out.dim() == 1 else block.view(shape))
+        return blocks
+    # Several chunks and no graph: write each chunk into the result, so that
+    # only one chunk of rows is in flight beside it.
+    blocks = [inp.new_zeros((m, *inp.shape)) for inp in inputs]
+    for start in range(0, m, step):
+        stop = min(start + step, m)
+        rows = products(start, stop)
+        for i, block in enumerate(blocks):
+            # Whether an input is reachable does not depend on the row.
+            if rows[0][i] is not None:
+                torch.stack([row[i] for row in rows], out=block[start:stop])
+        del rows
+    return [block.view(shape) for block, shape in zip(blocks, shapes)]
 
 
 def _aux_leaf(leaf: Any, originals: Dict[int, Any], outer: Optional[_OuterGraph]) -> Any:
@@ -350,6 +437,7 @@ def _jacobian(
     argnums: ArgNums,
     has_aux: bool,
     chunk_size: Optional[int],
+    outer_grad: Optional[bool] = None,
 ) -> Any:
     import torch
 
@@ -358,18 +446,25 @@ def _jacobian(
     check_chunk_size_type(chunk_size, "jacrev")
     # A transform ignores an outer no_grad for its own work, but its results
     # are differentiable only where grad mode is on outside (as torch.func).
-    outer_grad = torch.is_grad_enabled()
+    outer_grad = torch.is_grad_enabled() if outer_grad is None else outer_grad
+    if torch.is_inference_mode_enabled():
+        # Like torch.func, differentiate even inside inference_mode.
+        with torch.inference_mode(False):
+            return _jacobian(func, args, argnums, has_aux, chunk_size, outer_grad)
     grad = _original_grad()
     with torch.enable_grad():
         primals = list(args)
         in_specs = []
         own: List[Any] = []
         # Tensors handed back as aux come back as the caller's own objects.
-        originals: Dict[int, Any] = {id(a): a for a in args if isinstance(a, torch.Tensor)}
+        originals: Dict[int, Any] = {}
+        if has_aux:
+            originals.update((id(a), a) for a in args if isinstance(a, torch.Tensor))
         for num in nums:
             leaves, spec = flatten(args[num])
             fresh = [_fresh(leaf, outer_grad) for leaf in leaves]
-            originals.update((id(new), old) for new, old in zip(fresh, leaves))
+            if has_aux:
+                originals.update((id(new), old) for new, old in zip(fresh, leaves))
             primals[num] = unflatten(fresh, spec)
             in_specs.append((spec, len(own), len(fresh)))
             own.extend(fresh)

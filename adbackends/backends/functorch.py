@@ -48,7 +48,7 @@ _REFUSALS: Tuple[Tuple[str, str], ...] = (
     # torch >= 2.0, a Function without setup_context (ctx style)
     ("must override the setup_context staticmethod", "legacy_function"),
     # functorch 0.2 and torch 1.13: every Function, whatever its inputs
-    ("autograd.Function", "custom_function"),
+    ("do not support the use of autograd.Function", "custom_function"),
 )
 
 
@@ -202,6 +202,9 @@ class FunctorchBackend(Backend):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         import torch
 
+        torch_note = (
+            "" if self.version == str(torch.__version__) else f" (torch {torch.__version__})"
+        )
         what = (
             "a ctx-style autograd.Function (forward(ctx, ...)) under a transform"
             if capability == "legacy_function"
@@ -210,7 +213,7 @@ class FunctorchBackend(Backend):
         return CapabilityError(
             self.name,
             capability,
-            f"functorch {self.version} (torch {torch.__version__}) refuses {what}: {first}",
+            f"functorch {self.version}{torch_note} refuses {what}: {first}",
             # Only cached probe results: this runs inside the user's
             # transforms, where a new probe must not run.
             _cached_alternatives(capability, self.name),

@@ -287,7 +287,7 @@ def _suite_cell(result: Dict[str, Any]) -> str:
 
 
 def _list_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    lines = [f".. list-table:: {title}", "   :header-rows: 1", ""]
+    lines = [f".. list-table:: {title}".rstrip(), "   :header-rows: 1", ""]
     for row in [header, *rows]:
         lines.append(f"   * - {row[0]}")
         lines.extend(f"     - {cell}" for cell in row[1:])
@@ -372,6 +372,7 @@ def render(results: Sequence[Dict[str, Any]]) -> str:
             if info and not info.get("loads"):
                 notes.append(f"* {name}: does not load: {_rst_text(info.get('reason'))}")
             for cap, why in sorted(info.get("reasons", {}).items()):
+                why = _CAPABILITY_ERROR.sub("", why or "")
                 notes.append(f"* {name}, ``{cap}``: {_rst_text(why)}")
         if r["failed_tests"]:
             shown = ", ".join(f"``{t}``" for t in r["failed_tests"][:10])
@@ -385,6 +386,13 @@ def render(results: Sequence[Dict[str, Any]]) -> str:
     if dates:
         lines += [f"Last run: {', '.join(dates)}.", ""]
     return "\n".join(lines)
+
+
+# The probe's reason when the backend raised adbackends.CapabilityError: the
+# prefix repeats the row's backend and capability.
+_CAPABILITY_ERROR = re.compile(
+    r"^CapabilityError: autodiff backend '[^']*' lacks capability '[^']*'(?: \([^)]*\))?: "
+)
 
 
 def _rst_text(text: Optional[str]) -> str:
