@@ -32,23 +32,22 @@ import adbackends  # noqa: E402
 
 from .test_loop_support import assert_same  # noqa: E402
 
+# Profiles of this module only (named so that they leave hypothesis's global
+# default, and other modules' tests, alone): "default" for every run, "large"
+# on demand, picked with ADBACKENDS_HYPOTHESIS_PROFILE.
+_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile(
-    "default",
-    max_examples=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    "adbackends-loop-default", max_examples=30, deadline=None, suppress_health_check=_HEALTH
 )
 settings.register_profile(
-    "large",
-    max_examples=2600,
-    deadline=None,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.filter_too_much,
-    ],
+    "adbackends-loop-large", max_examples=2600, deadline=None, suppress_health_check=_HEALTH
 )
-settings.load_profile(os.environ.get("ADBACKENDS_HYPOTHESIS_PROFILE", "default"))
+_PROFILE = os.environ.get("ADBACKENDS_HYPOTHESIS_PROFILE", "default")
+if _PROFILE not in ("default", "large"):
+    raise ValueError(
+        f"ADBACKENDS_HYPOTHESIS_PROFILE must be 'default' or 'large', got {_PROFILE!r}"
+    )
+loop_settings = settings.get_profile(f"adbackends-loop-{_PROFILE}")
 
 Triple = collections.namedtuple("Triple", "a b c")
 
@@ -82,6 +81,38 @@ UNARY: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "closure": lambda t: t * _W,
     "cube": lambda t: t**3,
 }
+
+
+def _inplace(t: torch.Tensor) -> torch.Tensor:
+    out = t * 1.0
+    out.mul_(0.5).add_(0.25)
+    return out
+
+
+UNARY["inplace"] = _inplace
+
+if hasattr(torch.autograd.Function, "setup_context"):
+
+    class _Cube(torch.autograd.Function):
+        """A setup_context-style Function with a differentiable backward."""
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return x**3
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            (x,) = ctx.saved_tensors
+            return grad * 3 * x**2
+
+    UNARY["function"] = _Cube.apply
+
 UNARY_NAMES = sorted(UNARY)
 
 # An expression: (argument index, unary chain, optional (other index, chain)).
@@ -190,6 +221,7 @@ def _argnums(draw: Any, n_args: int) -> Any:
     return tuple(p - n_args if negate and i == 0 else p for i, p in enumerate(picks))
 
 
+@loop_settings
 @given(data=st.data())
 def test_jacrev(pair, data):
     loop, reference = pair
@@ -251,6 +283,7 @@ def test_jacrev(pair, data):
         _compare(lambda: run(loop), lambda: run(reference))
 
 
+@loop_settings
 @given(data=st.data())
 def test_vmap_over_autograd_grad(pair, data):
     """vmap of a function that calls torch.autograd.grad on a graph built outside."""
@@ -289,6 +322,7 @@ def _in_dim(draw: Any, ndim: int) -> Any:
     return dim - ndim if draw(st.booleans()) else dim
 
 
+@loop_settings
 @given(data=st.data())
 def test_vmap(pair, data):
     loop, reference = pair
@@ -313,11 +347,18 @@ def test_vmap(pair, data):
         args.append(_tensor(tuple(full), i, requires_grad))
         dims.append(dim)
 
-    def per_sample(*xs):
-        return _build(structure, xs)
+    scale = data.draw(st.sampled_from([None, 0.5, "tensor"]), label="keyword argument")
+    kwargs: Dict[str, Any] = {}
+    if scale == "tensor":
+        kwargs["scale"] = _tensor((), 9, requires_grad)
+    elif scale is not None:
+        kwargs["scale"] = scale
+
+    def per_sample(*xs, scale=1.0):
+        return tree_map(lambda t: t * scale, _build(structure, xs))
 
     # out_dims: drawn against the outputs' per-sample shapes.
-    example = _outcome(lambda: per_sample(*(_sample(a, d) for a, d in zip(args, dims))))
+    example = _outcome(lambda: per_sample(*(_sample(a, d) for a, d in zip(args, dims)), **kwargs))
     assume(example[0])
     leaves, spec = tree_flatten(example[1])
     # torch.func mis-shapes an output that does not depend on the batch when
@@ -339,8 +380,8 @@ def test_vmap(pair, data):
 
     if as_dict:
         # The first two arguments travel together in a dict, with a dict prefix.
-        def f(d, *rest):
-            return per_sample(d["p"], d["q"], *rest)
+        def f(d, *rest, **kw):
+            return per_sample(d["p"], d["q"], *rest, **kw)
 
         call_args: Tuple[Any, ...] = ({"p": args[0], "q": args[1]}, *args[2:])
         in_dims: Any = ({"p": dims[0], "q": dims[1]}, *dims[2:])
@@ -354,9 +395,9 @@ def test_vmap(pair, data):
     def run(b):
         inner = b.vmap(f, in_dims, out_dims, chunk_size=chunk_size)
         if not nested:
-            return inner(*call_args)
+            return inner(*call_args, **kwargs)
         outer_dims = tree_map(lambda d: None if d is None else 0, in_dims)
-        return b.vmap(inner, outer_dims)(*call_args)
+        return b.vmap(inner, outer_dims)(*call_args, **kwargs)
 
     _compare(lambda: run(loop), lambda: run(reference))
 
@@ -365,6 +406,7 @@ def _sample(arg: torch.Tensor, dim: Any) -> torch.Tensor:
     return arg if dim is None else arg.select(dim, 0)
 
 
+@loop_settings
 @given(data=st.data())
 def test_argument_errors(pair, data):
     """Random, often invalid, argnums / in_dims / out_dims / chunk_size."""

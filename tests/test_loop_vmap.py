@@ -146,6 +146,15 @@ def test_empty_batch(loop):
     assert out[0].shape == (0, 3) and out[1].shape == (0,)
 
 
+def test_out_dims_none_for_sample_independent_outputs(loop):
+    x = _x(3, 2)
+    table = torch.tensor([1.0, float("nan")])
+    out, same = loop.vmap(lambda t: (t * 2, table * 1), out_dims=(0, None))(x)
+    assert torch.equal(out, 2 * x) and same.shape == (2,)
+    with pytest.raises(ValueError, match="can not return a BatchedTensor when out_dim is None"):
+        loop.vmap(lambda t: t * 2, out_dims=None)(x)
+
+
 def test_code_vmap_cannot_batch_runs(loop):
     # Data-dependent control flow and .item(): a loop handles them.
     x = torch.tensor([[1.0, -1.0], [-2.0, 3.0]])

@@ -168,16 +168,20 @@ class _OuterGraph:
     """
 
     def __init__(self, own: Sequence[Any]) -> None:
+        # Node objects are compared by id, so every node whose id is kept
+        # (own views, nodes known to be clean) is kept alive too: the id of a
+        # freed node object could be reused by another one.
+        self._keep: List[Any] = []
         self._own_nodes: Set[int] = set()
         self._own_leaves: Set[int] = set()
         for tensor in own:
-            if tensor.grad_fn is not None:
-                self._own_nodes.add(id(tensor.grad_fn))
+            node = tensor.grad_fn
+            if node is not None:
+                self._keep.append(node)
+                self._own_nodes.add(id(node))
             else:
                 self._own_leaves.add(id(tensor))
         self._clean: Set[int] = set()
-        # Keeps remembered nodes alive so that their ids stay unique.
-        self._keep: List[Any] = []
 
     def reaches(self, tensor: Any) -> bool:
         if not tensor.requires_grad:
@@ -187,8 +191,8 @@ class _OuterGraph:
             return id(tensor) not in self._own_leaves
         own_nodes, own_leaves, clean = self._own_nodes, self._own_leaves, self._clean
         stack = [root]
-        seen: Set[int] = set()
-        visited: List[Any] = []
+        # id -> node: holding the node keeps its id from being reused.
+        seen: Dict[int, Any] = {}
         while stack:
             node = stack.pop()
             key = id(node)
@@ -196,20 +200,17 @@ class _OuterGraph:
                 continue
             if key in own_nodes:
                 return True
-            seen.add(key)
-            visited.append(node)
+            seen[key] = node
             next_nodes = node.next_functions
-            if not next_nodes:
-                # A leaf's AccumulateGrad node: is the leaf ours?
-                variable = getattr(node, "variable", None)
-                if variable is not None and id(variable) not in own_leaves:
-                    return True
+            if next_nodes:
+                stack.extend([n for n, _ in next_nodes if n is not None])
                 continue
-            for next_node, _ in next_nodes:
-                if next_node is not None:
-                    stack.append(next_node)
+            # A leaf's AccumulateGrad node: is the leaf ours?
+            variable = getattr(node, "variable", None)
+            if variable is not None and id(variable) not in own_leaves:
+                return True
         clean.update(seen)
-        self._keep.extend(visited)
+        self._keep.extend(seen.values())
         return False
 
     def any(self, tensors: Iterable[Any]) -> bool:
@@ -242,7 +243,7 @@ def _one_hot_rows(out: Any) -> Any:
     never writes into the cotangents it is given), so small ones are cached:
     making them costs more than a small backward pass.
     """
-    key = (tuple(out.shape), out.dtype, out.device)
+    key = (out.shape, out.dtype, out.device)
     rows = _ROWS.get(key)
     if rows is not None:
         return rows
@@ -259,7 +260,7 @@ def _one_hot_rows(out: Any) -> Any:
         strides.append(step)
         step *= size
     rows = window.as_strided((m, *key[0]), (1, *reversed(strides)))
-    if m <= _ROWS_CACHE_MAX_NUMEL:
+    if m <= _ROWS_CACHE_MAX_NUMEL and type(out) is torch.Tensor:
         if len(_ROWS) >= _ROWS_CACHE_LIMIT:
             _ROWS.clear()
         _ROWS[key] = rows
@@ -431,6 +432,19 @@ def _aux_leaf(leaf: Any, originals: Dict[int, Any], outer: Optional[_OuterGraph]
     return leaf.detach()
 
 
+def _check_inputs(args: Tuple[Any, ...]) -> None:
+    """torch.func's check that no argument (at any argnum) is complex."""
+    import torch
+
+    for arg in args:
+        if not isinstance(arg, torch.Tensor):
+            # Pytrees among the arguments: index the flattened leaves.
+            _error_if_complex(flatten(args)[0], "inputs")
+            return
+        if arg.is_complex():
+            _error_if_complex(args, "inputs")
+
+
 def _jacobian(
     func: Callable[..., Any],
     args: Tuple[Any, ...],
@@ -441,68 +455,72 @@ def _jacobian(
 ) -> Any:
     import torch
 
-    _error_if_complex(args if _all_tensors(args) else flatten(args)[0], "inputs")
+    _check_inputs(args)
     nums = normalize_argnums(argnums, len(args))
-    check_chunk_size_type(chunk_size, "jacrev")
+    if chunk_size is not None:
+        check_chunk_size_type(chunk_size, "jacrev")
     # A transform ignores an outer no_grad for its own work, but its results
     # are differentiable only where grad mode is on outside (as torch.func).
-    outer_grad = torch.is_grad_enabled() if outer_grad is None else outer_grad
+    if outer_grad is None:
+        outer_grad = torch.is_grad_enabled()
     if torch.is_inference_mode_enabled():
         # Like torch.func, differentiate even inside inference_mode.
         with torch.inference_mode(False):
             return _jacobian(func, args, argnums, has_aux, chunk_size, outer_grad)
+    if not torch.is_grad_enabled():
+        with torch.enable_grad():
+            return _jacobian(func, args, argnums, has_aux, chunk_size, outer_grad)
     grad = _original_grad()
-    with torch.enable_grad():
-        primals = list(args)
-        in_specs = []
-        own: List[Any] = []
-        # Tensors handed back as aux come back as the caller's own objects.
-        originals: Dict[int, Any] = {}
-        if has_aux:
-            originals.update((id(a), a) for a in args if isinstance(a, torch.Tensor))
-        for num in nums:
-            leaves, spec = flatten(args[num])
-            fresh = [_fresh(leaf, outer_grad) for leaf in leaves]
-            if has_aux:
-                originals.update((id(new), old) for new, old in zip(fresh, leaves))
-            primals[num] = unflatten(fresh, spec)
-            in_specs.append((spec, len(own), len(fresh)))
-            own.extend(fresh)
-        result = func(*primals)
-        aux: Any = None
-        if has_aux:
-            if not (isinstance(result, tuple) and len(result) == 2):
-                raise RuntimeError(
-                    "vjp(f, *primals): output of function f should be a tuple: "
-                    "(output, aux) if has_aux is True"
-                )
-            result, aux = result
-            aux_leaves, aux_spec = flatten(aux)
-            for leaf in aux_leaves:
-                if not isinstance(leaf, torch.Tensor):
-                    raise RuntimeError(f"Expected tensors, got unsupported type {type(leaf)}")
-        out_leaves, out_spec = flatten(result)
+
+    primals = list(args)
+    in_specs = []
+    own: List[Any] = []
+    for num in nums:
+        leaves, spec = flatten(args[num])
+        fresh = [_fresh(leaf, outer_grad) for leaf in leaves]
+        primals[num] = unflatten(fresh, spec)
+        in_specs.append((spec, len(own), len(fresh)))
+        own.extend(fresh)
+    result = func(*primals)
+    if has_aux:
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise RuntimeError(
+                "vjp(f, *primals): output of function f should be a tuple: "
+                "(output, aux) if has_aux is True"
+            )
+        result, aux = result
+        aux_leaves, aux_spec = flatten(aux)
+        for leaf in aux_leaves:
+            if not isinstance(leaf, torch.Tensor):
+                raise RuntimeError(f"Expected tensors, got unsupported type {type(leaf)}")
+    out_leaves, out_spec = flatten(result)
+    if out_spec is not _LEAF or not result.is_floating_point():
         _check_outputs(out_leaves)
         _error_if_complex(out_leaves, "outputs")
-        outer = _OuterGraph(own) if outer_grad else None
-        keep_graph = outer is not None and outer.any(out_leaves)
-        per_output = _jacobian_blocks(out_leaves, own, keep_graph, chunk_size, grad)
-        if keep_graph:
-            # A block that depends only on this level's own leaves is not
-            # differentiable from outside: torch.func gives it no grad.
-            per_output = [
-                [b if outer.reaches(b) else b.detach() for b in blocks]  # type: ignore[union-attr]
-                for blocks in per_output
-            ]
+    outer = _OuterGraph(own) if outer_grad else None
+    keep_graph = outer is not None and outer.any(out_leaves)
+    per_output = _jacobian_blocks(out_leaves, own, keep_graph, chunk_size, grad)
+    if keep_graph:
+        # A block that depends only on this level's own leaves is not
+        # differentiable from outside: torch.func gives it no grad.
+        per_output = [
+            [b if outer.reaches(b) else b.detach() for b in blocks]  # type: ignore[union-attr]
+            for blocks in per_output
+        ]
+    as_tuple = isinstance(argnums, tuple)
     jac_leaves = []
     for blocks in per_output:
         per_arg = [unflatten(blocks[s : s + n], spec) for spec, s, n in in_specs]
-        jac_leaves.append(tuple(per_arg) if isinstance(argnums, tuple) else per_arg[0])
+        jac_leaves.append(tuple(per_arg) if as_tuple else per_arg[0])
     jac = unflatten(jac_leaves, out_spec)
     if not has_aux:
         return jac
     # aux is not differentiated here, but stays attached where it depends on
-    # something outside this level that requires grad.
+    # something outside this level that requires grad. Tensors handed back
+    # come back as the caller's own objects.
+    originals: Dict[int, Any] = {id(a): a for a in args if isinstance(a, torch.Tensor)}
+    for num, (_, s, n) in zip(nums, in_specs):
+        originals.update((id(new), old) for new, old in zip(own[s : s + n], flatten(args[num])[0]))
     kept = [_aux_leaf(leaf, originals, outer) for leaf in aux_leaves]
     return jac, unflatten(kept, aux_spec)
 

@@ -260,7 +260,13 @@ def _varies(column: List[Any]) -> bool:
             continue
         if other.shape != first.shape or other.dtype != first.dtype:
             return True
-        if not torch.equal(other, first):
+        if torch.equal(other, first):
+            continue
+        # NaN != NaN: floating outputs are equal when their NaNs and the
+        # remaining values agree.
+        if not first.is_floating_point() or not torch.equal(first.isnan(), other.isnan()):
+            return True
+        if not torch.equal(torch.nan_to_num(first), torch.nan_to_num(other)):
             return True
     return False
 

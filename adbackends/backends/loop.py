@@ -8,6 +8,25 @@ one Jacobian row or one batch element at a time.
 
 ``jacrev`` lives in :mod:`adbackends.backends._loop_jacrev` and ``vmap`` in
 :mod:`adbackends.backends._loop_vmap`; this module is the backend object.
+
+Where a loop cannot behave exactly like torch.func:
+
+* ``vmap`` runs the function once per sample, so code that torch.func
+  refuses (``.item()``, data-dependent control flow, Functions without a vmap
+  rule) runs here.
+* ``out_dims=None`` is accepted for an output whose per-sample values are all
+  equal: a loop cannot see whether an output was computed from the batched
+  inputs, only whether it differs between samples.
+* ``randomness="error"`` watches the default CPU and CUDA generators; draws
+  from a private ``torch.Generator`` go unnoticed.
+* While a loop ``vmap`` runs, ``torch.autograd.grad`` called from the same
+  thread keeps the graph on every sample but the last, so that a function
+  taking the gradient of a graph built outside the map works as under
+  torch.func (which runs that backward once). Code that bound ``grad`` by
+  ``from torch.autograd import grad`` before the call is not covered.
+* ``jacrev`` returns exactly torch.func's values, shapes, structures and
+  ``requires_grad``; it is slower for large outputs (one backward pass per
+  row) and close to a hand-written ``autograd.grad`` loop in cost.
 """
 
 from __future__ import annotations

@@ -344,12 +344,25 @@ def render(results: Sequence[Dict[str, Any]]) -> str:
         ["env", "Python", "torch", "functorch", "jacrev / vmap", "fjacrev / fvmap", "test suite"],
         rows,
     )
+    pythons = sorted(
+        {".".join(r["python"].split(".")[:2]) for r in results if r["python"]},
+        key=lambda v: tuple(int(p) for p in v.split(".")),
+    )
+    torches = sorted(
+        {_short_torch(r["torch"]) for r in results if r["torch"]},
+        key=lambda v: tuple(int(p) for p in v.split(".") if p.isdigit()),
+    )
     lines += [
+        f"Python versions run: {', '.join(pythons)}. torch versions run: {', '.join(torches)}.",
+        "",
         "Capabilities",
         "------------",
         "",
         f"{YES}: the probe passes; {NO}: it fails (the reason is below); a backend",
-        "that does not load has a dash.",
+        "that does not load has a dash. functorch before torch 2.0 has no",
+        "``chunk_size`` argument; the functorch backend computes it the way later",
+        "functorch does (``vjp`` and ``vmap`` over chunks of rows, or of the",
+        "batch), so its ``chunk_size`` probe passes there too.",
         "",
     ]
     rows = []
