@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, NamedTuple, Opt
 if TYPE_CHECKING:
     from .backend import Backend
 
-__all__ = ["PROBES", "Support", "describe", "run_probe"]
+__all__ = ["PROBES", "Support", "describe", "probing", "run_probe"]
 
 
 class Support(NamedTuple):
@@ -57,6 +57,17 @@ class _Probe(NamedTuple):
 
 _LOCK = threading.RLock()
 _CACHE_ATTR = "_adbackends_probe_cache"
+_ACTIVE = threading.local()
+
+
+def probing() -> bool:
+    """Whether a probe is running in this thread.
+
+    Backends use it to keep one-time notices (such as functorch's deprecation
+    warning) for the user's own first call instead of spending them on a probe,
+    whose warnings are hidden.
+    """
+    return getattr(_ACTIVE, "depth", 0) > 0
 
 
 def run_probe(backend: Backend, capability: str) -> Support:
@@ -83,6 +94,7 @@ def _run_uncached(backend: Backend, capability: str) -> Support:
     import logging
 
     log = logging.getLogger("adbackends")
+    _ACTIVE.depth = getattr(_ACTIVE, "depth", 0) + 1
     try:
         with _pristine():
             PROBES[capability].check(backend)
@@ -90,6 +102,8 @@ def _run_uncached(backend: Backend, capability: str) -> Support:
         reason = _one_line(exc)
         log.debug("probe %s on backend %r failed: %s", capability, backend.name, reason)
         return Support(capability, False, reason)
+    finally:
+        _ACTIVE.depth -= 1
     log.debug("probe %s on backend %r passed", capability, backend.name)
     return Support(capability, True, None)
 

@@ -426,6 +426,30 @@ def test_deprecation_warning_at_most_once_per_process():
         assert count == 0
 
 
+def test_probes_do_not_spend_the_one_deprecation_warning():
+    """The report probes functorch first; the user's own first call still warns once."""
+    result = _run(
+        """
+        import warnings
+        import torch, adbackends
+        from adbackends.cli import report
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            report()  # runs every probe of every backend
+            during_probes = len(seen)
+            x = torch.ones(3)
+            for _ in range(2):
+                adbackends.get("functorch").jacrev(torch.sin)(x)
+        ours = [w for w in seen if "functorch" in str(w.message)]
+        print(during_probes, len(ours))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    during, total = map(int, result.stdout.strip().splitlines()[-1].split())
+    assert during == 0
+    assert total == (1 if HAS_TORCH_FUNC else 0)
+
+
 @pytest.mark.parametrize("argnums", [-1, (0, -1), (-2,)])
 def test_negative_argnums_count_from_the_end(ft, argnums):
     """functorch 0.2.1's own jacrev returns zeros here; the backend must not."""

@@ -531,6 +531,10 @@ def _warn_once() -> None:
     global _warned
     if _warned:
         return
+    from ..probes import probing
+
+    if probing():  # a probe hides its warnings: keep the notice for the user
+        return
     with _warn_lock:
         if _warned:
             return

@@ -34,7 +34,8 @@ def test_found_through_its_entry_point(backend: adbackends.Backend) -> None:
         if hasattr(eps, "select")
         else eps.get(adbackends.ENTRY_POINT_GROUP, [])  # Python < 3.10
     )
-    (ep,) = [ep for ep in group if ep.name == NAME]
+    # Old importlib.metadata lists an editable install twice (dist-info and egg-info).
+    (ep,) = {(ep.name, ep.value): ep for ep in group if ep.name == NAME}.values()
     assert ep.value == "adbackends_autograd_functional:AutogradFunctionalBackend"
     assert backend.origin == "plugin"
     assert backend.distribution == "adbackends-autograd-functional"
