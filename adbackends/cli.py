@@ -169,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time every backend's jacrev and vmap here")
     bench.add_argument("--json", action="store_true", help="print the table as JSON")
+    bench.add_argument(
+        "--tiny", action="store_true", help="a minimal run that only checks that everything works"
+    )
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -195,10 +195,28 @@ def _choose() -> Choice:
     selected = _process
     if selected is not None:
         return _explicit(selected, "use", "adbackends.use(...)")
-    raw = os.environ.get(ENV_VAR, "")
+    raw = _env_value()
     if raw.strip():
         return _from_env(raw)
     return _auto()
+
+
+# os.environ.get() of an unset variable raises and catches a KeyError inside,
+# which is most of the dispatch cost of a transform; read the mapping behind
+# os.environ directly where CPython has one (it is kept in sync by putenv).
+_ENV_DATA: Optional[Dict[Any, Any]] = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY: Any = os.environ.encodekey(ENV_VAR)  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - not CPython's os.environ
+    _ENV_DATA = None
+
+
+def _env_value() -> str:
+    """The raw value of TAD_AD_BACKEND, or ``""`` when it is unset."""
+    if _ENV_DATA is not None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        return "" if raw is None else os.environ.decodevalue(raw)  # type: ignore[attr-defined]
+    return os.environ.get(ENV_VAR, "")
 
 
 def _explicit(selected: _Selected, source: str, how: str) -> Choice:

@@ -312,9 +312,6 @@ def _run(
             else:
                 sample = _sample_args(flat_args, flat_in_dims, i)
             output = func(*tree_unflatten(sample, args_spec), **kwargs)
-            if randomness == "error" and not rng.unchanged():  # type: ignore[union-attr]
-                rng.restore()  # type: ignore[union-attr]
-                raise RuntimeError(_RANDOM_ERROR)
             leaves, spec = tree_flatten(output)
             if out_spec is None:
                 out_spec, first_output = spec, output
@@ -325,6 +322,11 @@ def _run(
                     "stacks per-sample outputs, so they must have one structure."
                 )
             outputs.append(leaves)
+        # One comparison for the whole batch: a random operation in any sample
+        # leaves the default generators moved on.
+        if randomness == "error" and not rng.unchanged():  # type: ignore[union-attr]
+            rng.restore()  # type: ignore[union-attr]
+            raise RuntimeError(_RANDOM_ERROR)
     finally:
         if pending:
             _LOCAL.pending -= 1
