@@ -18,6 +18,8 @@ import threading
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, NamedTuple, Optional
 
+from ._shared import RngState, summarize_exception
+
 if TYPE_CHECKING:
     from .backend import Backend
 
@@ -99,7 +101,7 @@ def _run_uncached(backend: Backend, capability: str) -> Support:
         with _pristine():
             PROBES[capability].check(backend)
     except Exception as exc:  # a failing probe is a result, not an error
-        reason = _one_line(exc)
+        reason = summarize_exception(exc)
         log.debug("probe %s on backend %r failed: %s", capability, backend.name, reason)
         return Support(capability, False, reason)
     finally:
@@ -108,23 +110,12 @@ def _run_uncached(backend: Backend, capability: str) -> Support:
     return Support(capability, True, None)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0].strip() if text else ""
-    if len(first) > 200:
-        first = first[:197] + "..."
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 @contextlib.contextmanager
 def _pristine() -> Iterator[None]:
     """Run a probe in a fixed state and put every global setting back after."""
     import torch
 
-    cpu_rng = torch.random.get_rng_state()
-    cuda_rng = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda_rng = torch.cuda.get_rng_state_all()
+    rng = RngState()
     grad = torch.is_grad_enabled()
     dtype = torch.get_default_dtype()
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -145,9 +136,7 @@ def _pristine() -> Iterator[None]:
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         else:
             torch.use_deterministic_algorithms(deterministic)
-        torch.random.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        rng.restore()
 
 
 # -- the probes ----------------------------------------------------------------

@@ -20,11 +20,12 @@ require grad.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+from .._shared import ArgNums, normalize_argnums
 
 __all__ = ["jacrev"]
 
-ArgNums = Union[int, Tuple[int, ...]]
 
 
 # -- pytrees, with a shortcut for the common case of a lone tensor -------------
@@ -62,43 +63,6 @@ def check_chunk_size_type(chunk_size: Any, api: str) -> None:
             f"{api}: `chunk_size` should be None or a positive int, "
             f"got {type(chunk_size).__name__}: {chunk_size!r}"
         )
-
-
-def _wrap_argnum(argnum: Any, num_args: int) -> int:
-    if not isinstance(argnum, int):
-        raise RuntimeError(f"argnum must be int, got: {type(argnum)}")
-    if 0 <= argnum < num_args:
-        return argnum
-    if -num_args <= argnum < 0:
-        return argnum + num_args
-    raise RuntimeError(f"Got argnum={argnum}, but only {num_args} positional inputs")
-
-
-def normalize_argnums(argnums: Any, num_args: int) -> Tuple[int, ...]:
-    """The positions ``argnums`` selects, checked in torch.func's order.
-
-    Raises
-    ------
-    RuntimeError
-        For a type other than int or tuple of ints, an index out of range, an
-        empty tuple or a repeated position, with torch.func's messages.
-    """
-    if isinstance(argnums, int):
-        return (_wrap_argnum(argnums, num_args),)
-    if not isinstance(argnums, tuple):
-        raise RuntimeError(f"argnums must be int or Tuple[int, ...], got: {type(argnums)}")
-    wrapped = tuple(_wrap_argnum(num, num_args) for num in argnums)
-    if len(wrapped) == 0:
-        raise RuntimeError("argnums must be non-empty")
-    if len(set(wrapped)) != len(wrapped):
-        raise RuntimeError(f"argnums elements must be unique, got {wrapped}")
-    return wrapped
-
-
-def _all_tensors(args: Tuple[Any, ...]) -> bool:
-    import torch
-
-    return all(isinstance(a, torch.Tensor) for a in args)
 
 
 def _error_if_complex(leaves: Sequence[Any], what: str) -> None:

@@ -25,6 +25,8 @@ import functools
 import threading
 from typing import Any, Callable, List, Optional, Tuple, cast
 
+from .._shared import RngState
+
 __all__ = ["vmap"]
 
 
@@ -34,38 +36,6 @@ def _func_name(func: Any) -> str:
     if isinstance(func, functools.partial):
         return f"functools.partial({_func_name(func.func)}, ...)"
     return repr(func)
-
-
-# -- random number generators --------------------------------------------------
-
-
-class _RngState:
-    """The default generators' states (CPU, and CUDA once it is initialised)."""
-
-    def __init__(self) -> None:
-        import torch
-
-        self.cpu = torch.random.get_rng_state()
-        self.cuda: Optional[List[Any]] = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            self.cuda = torch.cuda.get_rng_state_all()
-
-    def restore(self) -> None:
-        import torch
-
-        torch.random.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-
-    def unchanged(self) -> bool:
-        import torch
-
-        if not torch.equal(torch.random.get_rng_state(), self.cpu):
-            return False
-        if self.cuda is not None:
-            now = torch.cuda.get_rng_state_all()
-            return all(torch.equal(a, b) for a, b in zip(now, self.cuda))
-        return True
 
 
 # -- keeping a closed-over graph alive across samples --------------------------
@@ -290,7 +260,7 @@ def _run(
     check_chunk_size_type(chunk_size, "vmap")
     name = _func_name(func)
 
-    rng = _RngState() if randomness != "different" else None
+    rng = RngState() if randomness != "different" else None
     outputs: List[List[Any]] = []
     out_spec = None
     first_output: Any = None

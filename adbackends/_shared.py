@@ -1,0 +1,179 @@
+"""Small pieces of logic that built-in backends and plugins would otherwise repeat.
+
+This module imports nothing from the rest of the package (and torch only
+inside functions), so every other module may use it. Plugin authors reach
+these helpers through :mod:`adbackends.plugin`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, List, Optional, Tuple, Union
+
+__all__ = [
+    "ArgNums",
+    "RngState",
+    "check_capability_names",
+    "normalize_argnums",
+    "preserved_rng",
+    "summarize_exception",
+]
+
+#: What ``argnums`` may be: one position or a tuple of positions.
+ArgNums = Union[int, Tuple[int, ...]]
+
+
+# -- argnums -------------------------------------------------------------------
+
+
+def _wrap_argnum(argnum: Any, num_args: int) -> int:
+    if not isinstance(argnum, int) or isinstance(argnum, bool):
+        raise RuntimeError(f"argnum must be int, got: {type(argnum)}")
+    if 0 <= argnum < num_args:
+        return argnum
+    if -num_args <= argnum < 0:
+        return argnum + num_args
+    raise RuntimeError(f"Got argnum={argnum}, but only {num_args} positional inputs")
+
+
+def normalize_argnums(argnums: Any, num_args: int) -> Tuple[int, ...]:
+    """The non-negative positions ``argnums`` selects among ``num_args`` arguments.
+
+    Checked in torch.func's order, with its exception type and messages, so a
+    backend that validates with this raises what ``torch.func.jacrev`` raises.
+
+    Raises
+    ------
+    RuntimeError
+        For a type other than int or tuple of ints, an index out of range, an
+        empty tuple or a repeated position.
+
+    Examples
+    --------
+    >>> from adbackends.plugin import normalize_argnums
+    >>> normalize_argnums(-1, 3), normalize_argnums((0, 2), 3)
+    ((2,), (0, 2))
+    >>> normalize_argnums((0, 0), 2)
+    Traceback (most recent call last):
+    ...
+    RuntimeError: argnums elements must be unique, got (0, 0)
+    """
+    if isinstance(argnums, int) and not isinstance(argnums, bool):
+        return (_wrap_argnum(argnums, num_args),)
+    if not isinstance(argnums, tuple):
+        raise RuntimeError(f"argnums must be int or Tuple[int, ...], got: {type(argnums)}")
+    wrapped = tuple(_wrap_argnum(num, num_args) for num in argnums)
+    if len(wrapped) == 0:
+        raise RuntimeError("argnums must be non-empty")
+    if len(set(wrapped)) != len(wrapped):
+        raise RuntimeError(f"argnums elements must be unique, got {wrapped}")
+    return wrapped
+
+
+# -- exceptions -----------------------------------------------------------------
+
+
+def summarize_exception(exc: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of the message"``, at most ``limit`` characters of message.
+
+    Never raises, even for an exception whose ``str()`` does.
+
+    Examples
+    --------
+    >>> from adbackends.plugin import summarize_exception
+    >>> summarize_exception(ValueError("bad value\\nmore detail"))
+    'ValueError: bad value'
+    """
+    try:
+        lines = str(exc).strip().splitlines()
+    except Exception:  # an exception whose str() fails still has a type
+        lines = []
+    first = lines[0].strip() if lines else ""
+    if len(first) > limit:
+        first = first[: max(limit - 3, 0)] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+# -- random number generators ---------------------------------------------------
+
+
+class RngState:
+    """A snapshot of the default generators: CPU, and CUDA once it is initialised.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from adbackends.plugin import RngState
+    >>> state = RngState()
+    >>> a = torch.rand(2)
+    >>> state.unchanged()
+    False
+    >>> state.restore()
+    >>> torch.equal(torch.rand(2), a)
+    True
+    """
+
+    __slots__ = ("cpu", "cuda")
+
+    def __init__(self) -> None:
+        import torch
+
+        self.cpu = torch.random.get_rng_state()
+        self.cuda: Optional[List[Any]] = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.cuda = torch.cuda.get_rng_state_all()
+
+    def restore(self) -> None:
+        """Put the generators back to the snapshot."""
+        import torch
+
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+    def unchanged(self) -> bool:
+        """Whether nothing has drawn from the generators since the snapshot."""
+        import torch
+
+        if not torch.equal(torch.random.get_rng_state(), self.cpu):
+            return False
+        if self.cuda is not None:
+            now = torch.cuda.get_rng_state_all()
+            return all(torch.equal(a, b) for a, b in zip(now, self.cuda))
+        return True
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[RngState]:
+    """Restore the default generators on leaving the block, whatever happened inside."""
+    state = RngState()
+    try:
+        yield state
+    finally:
+        state.restore()
+
+
+# -- capability declarations ----------------------------------------------------
+
+
+def check_capability_names(
+    names: Any, known: Any, what: str = "Backend.claims"
+) -> Tuple[str, ...]:
+    """``names`` as a tuple, checked to be a collection of known capability names.
+
+    Raises
+    ------
+    TypeError
+        When ``names`` is a str or not a tuple/list/set, or names an unknown
+        capability; the message lists the valid names.
+    """
+    if isinstance(names, str) or not isinstance(names, (tuple, list, set, frozenset)):
+        raise TypeError(
+            f"{what} must be a tuple of capability names such as ('custom_function',), "
+            f"got {names!r}"
+        )
+    unknown = [c for c in names if c not in known]
+    if unknown:
+        valid = ", ".join(repr(c) for c in known)
+        raise TypeError(f"{what} names unknown capabilities {unknown!r}; valid: {valid}")
+    return tuple(names)
