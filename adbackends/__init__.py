@@ -8,6 +8,10 @@ variable ``TAD_AD_BACKEND`` or automatically from capability probes.
 Importing this package is cheap: it imports neither torch.func nor functorch,
 scans no entry points and runs no probe. All of that happens on first use.
 
+The top level holds what programs that *use* backends need. What plugin
+authors need (the contract version, the entry point group, the probes, the
+registry, helpers for argument checks) is in :mod:`adbackends.plugin`.
+
 Examples
 --------
 >>> import torch, adbackends
@@ -19,10 +23,11 @@ tensor([[1.0000, 0.0000],
 
 from __future__ import annotations
 
-from typing import List
+import warnings
+from typing import Any, List
 
 from ._version import __version__
-from .backend import CONTRACT_VERSION, Backend
+from .backend import Backend
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -30,35 +35,37 @@ from .errors import (
     PluginError,
     UnknownBackendError,
 )
-from .probes import PROBES, Support
-from .registry import AUTO_ORDER, ENTRY_POINT_GROUP, REGISTRY
-from .selection import ENV_VAR, REQUIRED, Choice, current, get, use, using
+from .fallback import Fallback, FallbackWarning, fallbacks, forget_fallbacks
+from .probes import Support
+from .registry import REGISTRY as _REGISTRY
+from .selection import Choice, current, explain, get, require, use, using
 from .transforms import fjacrev, fvmap, jacrev, vmap
 
 __all__ = [
-    "AUTO_ORDER",
-    "CONTRACT_VERSION",
-    "ENTRY_POINT_GROUP",
-    "ENV_VAR",
-    "PROBES",
-    "REQUIRED",
     "Backend",
     "BackendError",
     "BackendUnavailableError",
     "CapabilityError",
     "Choice",
+    "Fallback",
+    "FallbackWarning",
     "PluginError",
     "Support",
     "UnknownBackendError",
     "__version__",
     "available",
     "current",
+    "explain",
+    "fallbacks",
     "fjacrev",
+    "forget_fallbacks",
     "fvmap",
     "get",
     "jacrev",
     "refresh",
     "register",
+    "require",
+    "unregister",
     "use",
     "using",
     "vmap",
@@ -66,7 +73,7 @@ __all__ = [
 
 
 def available() -> List[str]:
-    """Names of the backends that load here: built-ins in auto order, then plugins.
+    """Names of the backends that load here: built-ins, then plugins.
 
     Examples
     --------
@@ -74,28 +81,87 @@ def available() -> List[str]:
     >>> "loop" in adbackends.available()
     True
     """
-    return REGISTRY.available()
+    return _REGISTRY.available()
 
 
 def register(name: str, factory: object, *, replace: bool = False) -> None:
     """Register a backend from code, for programs that cannot ship entry points.
 
-    See :meth:`adbackends.registry.Registry.register`. Like a plugin, a
-    registered backend is only used when selected by name.
-    """
-    from .selection import _forget_caches
+    Like a plugin, a registered backend is only used when selected by name.
+    Every choice already made is re-derived on the next call, so
+    ``replace=True`` takes effect at once, also for ``use(name)``.
 
-    REGISTRY.register(name, factory, replace=replace)
-    _forget_caches()
+    Parameters
+    ----------
+    name : str
+        The name to select it by; built-in names and ``"auto"`` are refused.
+    factory : Backend subclass, Backend instance, or callable
+        Called with no arguments to make the backend (an instance is used as
+        it is). It is checked when first loaded, like a plugin.
+    replace : bool
+        Allow replacing an earlier registration of the same name.
+
+    Examples
+    --------
+    >>> import adbackends
+    >>> from adbackends.backends.loop import LoopBackend
+    >>> class Mine(LoopBackend):
+    ...     name = "mine"
+    >>> adbackends.register("mine", Mine)
+    >>> adbackends.get("mine").name
+    'mine'
+    >>> adbackends.unregister("mine")
+    """
+    _REGISTRY.register(name, factory, replace=replace)
+
+
+def unregister(name: str) -> None:
+    """Remove a backend added by :func:`register`.
+
+    A ``use(name)`` or ``using(name)`` still naming it then raises
+    :class:`UnknownBackendError` on the next transform, naming where the
+    name came from.
+    """
+    _REGISTRY.unregister(name)
 
 
 def refresh() -> None:
-    """Rescan installed plugins and forget cached automatic choices.
+    """Rescan installed plugins and forget every cached choice.
 
     Call it after installing or removing a plugin while the program runs.
     Probe results of loaded backends are kept.
     """
-    from .selection import _forget_caches
+    _REGISTRY.refresh()
 
-    REGISTRY.refresh()
-    _forget_caches()
+
+# Names that lived here before 0.2, kept importable with a warning.
+_MOVED = {
+    "AUTO_ORDER": "adbackends.selection",
+    "ENV_VAR": "adbackends.selection",
+    "REQUIRED": "adbackends.selection",
+    "CONTRACT_VERSION": "adbackends.plugin",
+    "ENTRY_POINT_GROUP": "adbackends.plugin",
+    "PROBES": "adbackends.plugin",
+    "REGISTRY": "adbackends.plugin",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _MOVED.get(name)
+    if home is None:
+        raise AttributeError(f"module 'adbackends' has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(home)
+    if name == "REQUIRED":
+        hint = "adbackends.require() (it returns them, and changes them)"
+        value: Any = module.require()
+    else:
+        hint = f"{home}.{name}"
+        value = getattr(module, name)
+    warnings.warn(
+        f"adbackends.{name} moved; use {hint}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return value

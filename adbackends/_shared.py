@@ -8,12 +8,16 @@ these helpers through :mod:`adbackends.plugin`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Any, Iterator, List, Optional, Tuple, Union
 
 __all__ = [
     "ArgNums",
     "RngState",
     "check_capability_names",
+    "external_stacklevel",
+    "native_call",
+    "native_call_active",
     "normalize_argnums",
     "preserved_rng",
     "summarize_exception",
@@ -156,9 +160,7 @@ def preserved_rng() -> Iterator[RngState]:
 # -- capability declarations ----------------------------------------------------
 
 
-def check_capability_names(
-    names: Any, known: Any, what: str = "Backend.claims"
-) -> Tuple[str, ...]:
+def check_capability_names(names: Any, known: Any, what: str = "Backend.claims") -> Tuple[str, ...]:
     """``names`` as a tuple, checked to be a collection of known capability names.
 
     Raises
@@ -177,3 +179,51 @@ def check_capability_names(
         valid = ", ".join(repr(c) for c in known)
         raise TypeError(f"{what} names unknown capabilities {unknown!r}; valid: {valid}")
     return tuple(names)
+
+
+# -- where a call comes from ----------------------------------------------------
+
+_PACKAGE_DIR = __file__.rsplit("_shared.py", 1)[0]
+
+
+def external_stacklevel() -> int:
+    """The ``stacklevel`` for :func:`warnings.warn` that names the user's line.
+
+    Counts the frames, from the caller of this function outwards, that belong
+    to this package, so a warning points at the first line outside it however
+    many of the package's layers (public wrapper, backend, adapter) lie between.
+    """
+    import sys
+
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
+
+
+# -- which call is being served ---------------------------------------------------
+
+_NATIVE_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "adbackends_native_call", default=False
+)
+
+
+def native_call_active() -> bool:
+    """Whether the code running now was called through ``fjacrev``/``fvmap``.
+
+    Hints in error messages use it to name only backends that can serve such
+    a call (those with native transforms).
+    """
+    return _NATIVE_CALL.get()
+
+
+@contextlib.contextmanager
+def native_call() -> Iterator[None]:
+    """Mark the block as serving ``fjacrev``/``fvmap``."""
+    token = _NATIVE_CALL.set(True)
+    try:
+        yield
+    finally:
+        _NATIVE_CALL.reset(token)

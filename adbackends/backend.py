@@ -3,22 +3,73 @@
 A backend is an object with a name, a version, the two transforms ``jacrev``
 and ``vmap`` with torch.func's exact signatures, and capabilities that are
 probed rather than declared. Built-in backends and plugins subclass it alike.
+
+A backend knows nothing about other backends. ``fjacrev``/``fvmap`` of a
+backend without native transforms are served by another one; which one is
+decided by :mod:`adbackends.selection`, which installs itself here as the
+resolver (:func:`set_native_resolver`) when it is imported.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
+import functools
+from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Tuple
 
+from ._shared import ArgNums, native_call
+from .errors import CapabilityError
 from .probes import PROBES, Support, run_probe
 
-__all__ = ["CONTRACT_VERSION", "Backend"]
+__all__ = ["CONTRACT_VERSION", "Backend", "Refusal", "set_native_resolver"]
 
 #: The version of the backend contract documented in "Writing a plugin".
 #: A plugin declares the contract it was written for as ``Backend.contract``;
 #: the registry refuses one whose major contract differs.
 CONTRACT_VERSION = 1
 
-ArgNums = Union[int, Tuple[int, ...]]
+_native_resolver: Optional[Callable[[Backend], Backend]] = None
+
+
+class Refusal(NamedTuple):
+    """A backend's word that it cannot transform a function (not that the function is wrong).
+
+    Returned by :meth:`Backend.cannot_transform`; a fallback chain then runs
+    the call on its fallback backend and tells the user ``reason`` and ``fix``.
+
+    Attributes
+    ----------
+    kind : str
+        A short stable name for the class of failure (``"item"``,
+        ``"control_flow"``, ``"legacy_function"``, ...).
+    reason : str
+        What the backend said, in one line.
+    fix : str
+        What would let the backend transform the function.
+    """
+
+    kind: str
+    reason: str
+    fix: str
+
+
+def set_native_resolver(resolver: Optional[Callable[[Backend], Backend]]) -> None:
+    """Install the function that picks the backend serving ``fjacrev``/``fvmap``.
+
+    :mod:`adbackends.selection` installs its own when imported; this hook
+    keeps this module free of any knowledge of other backends.
+    """
+    global _native_resolver
+    _native_resolver = resolver
+
+
+def _native_only(transformed: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``transformed`` marked as serving fjacrev/fvmap (for error hints)."""
+
+    @functools.wraps(transformed)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with native_call():
+            return transformed(*args, **kwargs)
+
+    return call
 
 
 class Backend:
@@ -120,13 +171,15 @@ class Backend:
         This backend's own ``jacrev`` when it passes the ``transforms`` probe,
         otherwise that of the best backend here that does.
         """
-        return self.native().jacrev(
-            func,
-            argnums,
-            has_aux=has_aux,
-            chunk_size=chunk_size,
-            _preallocate_and_copy=_preallocate_and_copy,
-        )
+        with native_call():
+            transformed = self.native().jacrev(
+                func,
+                argnums,
+                has_aux=has_aux,
+                chunk_size=chunk_size,
+                _preallocate_and_copy=_preallocate_and_copy,
+            )
+        return _native_only(transformed)
 
     def fvmap(
         self,
@@ -138,7 +191,11 @@ class Backend:
         chunk_size: Optional[int] = None,
     ) -> Callable[..., Any]:
         """The functorch-style ``vmap``; resolved like :meth:`fjacrev`."""
-        return self.native().vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
+        with native_call():
+            transformed = self.native().vmap(
+                func, in_dims, out_dims, randomness, chunk_size=chunk_size
+            )
+        return _native_only(transformed)
 
     def native(self) -> Backend:
         """The backend that serves :meth:`fjacrev` and :meth:`fvmap`.
@@ -147,12 +204,31 @@ class Backend:
         ------
         adbackends.BackendUnavailableError
             When no backend here has native composable transforms.
+        adbackends.CapabilityError
+            When this backend has none and no resolver is installed (only
+            possible if :mod:`adbackends.selection` was never imported).
         """
-        if self.supports("transforms"):
+        resolver = _native_resolver
+        if resolver is not None:
+            return resolver(self)
+        support = self.supports("transforms")
+        if support:
             return self
-        from .selection import native_backend
+        raise CapabilityError(self.name, "transforms", str(support.reason))
 
-        return native_backend()
+    # -- failures -------------------------------------------------------------
+
+    def cannot_transform(self, exc: BaseException) -> Optional[Refusal]:
+        """Whether ``exc``, raised by one of this backend's transforms, means it
+        cannot transform the function (a :class:`Refusal`), rather than an
+        error in the function itself (``None``).
+
+        A fallback chain (``use("torch.func", fallback="loop")``) retries a
+        call on its fallback only when this returns a :class:`Refusal`.
+        Override it to let a plugin take part; the default refuses nothing,
+        so every error is raised as it is.
+        """
+        return None
 
     # -- capabilities ---------------------------------------------------------
 

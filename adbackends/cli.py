@@ -25,7 +25,7 @@ def report() -> Dict[str, Any]:
     from .errors import BackendError
     from .probes import PROBES
     from .registry import REGISTRY
-    from .selection import ENV_VAR, REQUIRED, _choose, native_backend
+    from .selection import ENV_VAR, _choose, native_backend, require
 
     backends: List[Dict[str, Any]] = []
     for name in REGISTRY.names():
@@ -86,7 +86,7 @@ def report() -> Dict[str, Any]:
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "env": {ENV_VAR: os.environ.get(ENV_VAR)},
-        "required": list(REQUIRED),
+        "required": list(require()),
         "capabilities": {cap: probe.description for cap, probe in PROBES.items()},
         "backends": backends,
         "active": active,
@@ -177,15 +177,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .testing import cli_check
+    from .testing import check_backend
 
-    return int(cli_check(args))
+    report = check_backend(args.name, raise_on_failure=False)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0 if report.ok else 1
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import cli_bench
+    from .bench import format_table, run
 
-    return int(cli_bench(args))
+    data = run(tiny=args.tiny)
+    print(json.dumps(data, indent=2) if args.json else format_table(data))
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -193,7 +197,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``adbackends --json | head``): stop quietly,
+        # as Unix tools do, and keep the interpreter from complaining again
+        # when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # killed by SIGPIPE, as a shell reports it
     except Exception as exc:  # one clear line instead of a traceback
         from .errors import BackendError
 
@@ -201,6 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"adbackends: error: {exc}", file=sys.stderr)
         return 2
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

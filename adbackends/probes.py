@@ -19,11 +19,12 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, NamedTuple, Optional
 
 from ._shared import RngState, summarize_exception
+from .errors import CapabilityError
 
 if TYPE_CHECKING:
     from .backend import Backend
 
-__all__ = ["PROBES", "Support", "describe", "probing", "run_probe"]
+__all__ = ["PROBES", "Support", "cached_support", "describe", "probing", "run_probe"]
 
 
 class Support(NamedTuple):
@@ -87,6 +88,12 @@ def run_probe(backend: Backend, capability: str) -> Support:
         return cache[capability]
 
 
+def cached_support(backend: Backend, capability: str) -> Optional[Support]:
+    """The probe's answer if it has run for ``backend`` already; runs nothing."""
+    cache: Optional[Dict[str, Support]] = backend.__dict__.get(_CACHE_ATTR)
+    return None if cache is None else cache.get(capability)
+
+
 def describe(capability: str) -> str:
     """One line saying what the probe ``capability`` checks."""
     return PROBES[capability].description
@@ -101,7 +108,14 @@ def _run_uncached(backend: Backend, capability: str) -> Support:
         with _pristine():
             PROBES[capability].check(backend)
     except Exception as exc:  # a failing probe is a result, not an error
-        reason = summarize_exception(exc)
+        # A CapabilityError's own reason says what failed; its prefix names
+        # whichever capability the backend attributed it to, which may not be
+        # the one probed here.
+        inner = getattr(exc, "reason", None)
+        if isinstance(exc, CapabilityError) and inner:
+            reason = str(inner)
+        else:
+            reason = summarize_exception(exc)
         log.debug("probe %s on backend %r failed: %s", capability, backend.name, reason)
         return Support(capability, False, reason)
     finally:

@@ -57,26 +57,32 @@ def pytest_configure(config: pytest.Config) -> None:
     if name is None:
         return
     import adbackends
+    from adbackends.selection import ENV_VAR
 
     try:
         adbackends.use(name)
+    except adbackends.UnknownBackendError as exc:
+        # Say where the name came from: this option, not a use() in the code.
+        err = adbackends.UnknownBackendError(exc.name, exc.valid, "--ad-backend")
+        raise pytest.UsageError(str(err)) from exc
     except adbackends.BackendError as exc:
         raise pytest.UsageError(f"--ad-backend {name}: {exc}") from exc
-    setattr(config, _STASH_KEY, os.environ.get(adbackends.ENV_VAR))
-    os.environ[adbackends.ENV_VAR] = name
+    setattr(config, _STASH_KEY, os.environ.get(ENV_VAR))
+    os.environ[ENV_VAR] = name
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if not hasattr(config, _STASH_KEY):
         return
     import adbackends
+    from adbackends.selection import ENV_VAR
 
     before = getattr(config, _STASH_KEY)
     delattr(config, _STASH_KEY)
     if before is None:
-        os.environ.pop(adbackends.ENV_VAR, None)
+        os.environ.pop(ENV_VAR, None)
     else:
-        os.environ[adbackends.ENV_VAR] = before
+        os.environ[ENV_VAR] = before
     adbackends.use(None)
 
 

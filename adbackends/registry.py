@@ -18,9 +18,19 @@ a broken plugin:
 3. loading (:meth:`Registry.get`) checks the object: a Backend, written for
    this contract, implementing the transforms, with honest capabilities.
 
-Every problem is logged once per process (logger ``adbackends``, level
-WARNING) and listed by :meth:`Registry.problems`, naming the distribution and
-the cause.
+Problems with plugins are listed by :meth:`Registry.problems`, naming the
+distribution and the cause, and logged once per process (logger
+``adbackends``): at WARNING when nobody asked for the plugin (a scan, the
+report, :func:`adbackends.available`), at DEBUG when the failure is raised to
+the caller who asked for it by name. A built-in backend that is simply not
+part of this torch (torch.func before torch 2.0) is not a problem: it is
+logged at DEBUG only.
+
+Every change to what the registry holds (:meth:`Registry.register`,
+:meth:`Registry.unregister`, :meth:`Registry.refresh`) goes through one
+method that increments :attr:`Registry.generation`; whoever caches a
+decision derived from the registry (:mod:`adbackends.selection`) compares
+that number before trusting its cache.
 """
 
 from __future__ import annotations
@@ -29,12 +39,13 @@ import importlib
 import logging
 import re
 import threading
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
+from ._shared import check_capability_names, summarize_exception
 from .backend import CONTRACT_VERSION, Backend
 from .errors import BackendUnavailableError, PluginError, UnknownBackendError
 
-__all__ = ["AUTO", "AUTO_ORDER", "ENTRY_POINT_GROUP", "REGISTRY", "Entry", "Registry"]
+__all__ = ["AUTO", "BUILTINS", "ENTRY_POINT_GROUP", "REGISTRY", "Entry", "Registry"]
 
 log = logging.getLogger("adbackends")
 
@@ -43,19 +54,19 @@ ENTRY_POINT_GROUP = "adbackends.backends"
 #: The name that means "choose automatically".
 AUTO = "auto"
 
-#: Built-in backends, in automatic-selection priority order.
+#: Built-in backends and where each is defined. The order is the order of
+#: listings; the automatic-selection order is :mod:`adbackends.selection`'s.
 _BUILTINS: Dict[str, str] = {
     "torch.func": "adbackends.backends.torch_func:TorchFuncBackend",
     "functorch": "adbackends.backends.functorch:FunctorchBackend",
     "loop": "adbackends.backends.loop:LoopBackend",
 }
-AUTO_ORDER: Tuple[str, ...] = tuple(_BUILTINS)
+#: The built-in backends' names.
+BUILTINS: Tuple[str, ...] = tuple(_BUILTINS)
 
 #: Methods a backend outside this package may not override: capabilities are
 #: established by running the probes, never by what a backend says.
 _PROBED_METHODS = ("supports", "capabilities")
-
-Factory = Callable[[], Backend]
 
 
 class Entry(NamedTuple):
@@ -103,6 +114,8 @@ class Registry:
         self._loaded: Dict[str, Backend] = {}
         self._failed: Dict[str, BackendUnavailableError] = {}
         self._reported: Set[str] = set()
+        #: Incremented by every change to the registry's contents.
+        self.generation = 0
 
     # -- names ----------------------------------------------------------------
 
@@ -184,19 +197,40 @@ class Registry:
                 backend = self._instantiate(entry)
             except BackendUnavailableError as exc:
                 self._failed[name] = exc
-                self._report(f"load:{name}:{entry.distribution}:{exc.reason}", str(exc))
+                # Raised to whoever asked: a log line would say it twice.
+                log.debug("backend %r does not load: %s", name, exc)
                 raise
             self._loaded[name] = backend
             log.debug("loaded backend %r (%s)", name, entry.origin)
             return backend
 
+    def loaded(self, name: str) -> Optional[Backend]:
+        """The backend called ``name`` if it has been loaded already; loads nothing."""
+        return self._loaded.get(name)
+
     def failure(self, name: str) -> Optional[BackendUnavailableError]:
-        """Why ``name`` did not load, or ``None`` if it loads."""
+        """Why ``name`` did not load, or ``None`` if it loads.
+
+        A plugin or registered backend that does not load is logged once at
+        WARNING here, since nobody asked for it by name; a built-in that is
+        not part of this torch is not a problem and is not logged.
+        """
         try:
             self.get(name)
         except BackendUnavailableError as exc:
+            entry = self._entry_or_none(name)
+            # A conflict was reported by the scan that found it.
+            if entry is not None and entry.origin != "built-in" and name not in self._conflicts:
+                with self._lock:
+                    self._report(f"load:{name}:{entry.distribution}:{exc.reason}", str(exc))
             return exc
         return None
+
+    def _entry_or_none(self, name: str) -> Optional[Entry]:
+        try:
+            return self.entry(name)
+        except UnknownBackendError:
+            return None
 
     def available(self) -> List[str]:
         """The names of the backends that load here, in automatic-selection order."""
@@ -213,7 +247,8 @@ class Registry:
         except BackendUnavailableError:
             raise
         except (Exception, SystemExit) as exc:  # a plugin may even call sys.exit()
-            reason = _describe(exc)
+            reason = summarize_exception(exc)
+            hint = hint or _missing_dependency_hint(exc, entry)
             if entry.origin == "plugin":
                 raise PluginError(
                     entry.name, reason, entry.distribution or "?", hint or _hint(entry)
@@ -253,18 +288,21 @@ class Registry:
                 raise ValueError(
                     f"a backend named {name!r} is already registered; pass replace=True"
                 )
-            self._registered[name] = Entry(name, "registered", factory)
-            self._loaded.pop(name, None)
-            self._failed.pop(name, None)
+            self._change(register={name: Entry(name, "registered", factory)})
 
     def unregister(self, name: str) -> None:
-        """Remove a backend added by :meth:`register`."""
+        """Remove a backend added by :meth:`register`.
+
+        Raises
+        ------
+        UnknownBackendError
+            When no backend of that name was registered from code (built-ins
+            and plugins cannot be unregistered); it lists those that were.
+        """
         with self._lock:
             if name not in self._registered:
                 raise UnknownBackendError(name, sorted(self._registered), "unregister()")
-            del self._registered[name]
-            self._loaded.pop(name, None)
-            self._failed.pop(name, None)
+            self._change(unregister=name)
 
     def problems(self) -> List[str]:
         """Problems with installed plugins, one line each, naming the distribution.
@@ -304,14 +342,37 @@ class Registry:
 
         Problems already logged are not logged again.
         """
+        self._change(rescan=True)
+
+    def _change(
+        self,
+        register: Optional[Dict[str, Entry]] = None,
+        unregister: Optional[str] = None,
+        rescan: bool = False,
+    ) -> None:
+        """The one path by which the registry's contents change.
+
+        Every cache that depends on the registry notices through
+        :attr:`generation`, whichever public method made the change.
+        """
         with self._lock:
-            self._plugins = None
-            self._conflicts = {}
-            self._problems = []
-            for name in list(self._loaded) + list(self._failed):
-                if name not in _BUILTINS and name not in self._registered:
-                    self._loaded.pop(name, None)
-                    self._failed.pop(name, None)
+            for name, entry in (register or {}).items():
+                self._registered[name] = entry
+                self._loaded.pop(name, None)
+                self._failed.pop(name, None)
+            if unregister is not None:
+                del self._registered[unregister]
+                self._loaded.pop(unregister, None)
+                self._failed.pop(unregister, None)
+            if rescan:
+                self._plugins = None
+                self._conflicts = {}
+                self._problems = []
+                for name in list(self._loaded) + list(self._failed):
+                    if name not in _BUILTINS and name not in self._registered:
+                        self._loaded.pop(name, None)
+                        self._failed.pop(name, None)
+            self.generation += 1
 
     def _scan(self) -> Dict[str, Entry]:
         if self._plugins is not None:
@@ -339,11 +400,6 @@ class Registry:
             return
         self._reported.add(key)
         log.warning("%s", text)
-
-    def _clear(self) -> None:
-        """Forget everything, for tests."""
-        with self._lock:
-            self.__init__()  # type: ignore[misc]
 
 
 # -- reading and sorting entry points ------------------------------------------
@@ -374,14 +430,14 @@ def _read_entry_points() -> Tuple[List[Entry], List[str]]:
     try:
         dists = _distributions()
     except Exception as exc:  # a broken metadata finder must not break the registry
-        return [], [f"cannot list installed distributions: {_describe(exc)}"]
+        return [], [f"cannot list installed distributions: {summarize_exception(exc)}"]
     for dist in dists:
         try:
             eps = [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
         except Exception as exc:
             problems.append(
                 f"distribution {_label(dist)!r} has unreadable entry points and is "
-                f"ignored: {_describe(exc)}"
+                f"ignored: {summarize_exception(exc)}"
             )
             continue
         if not eps:
@@ -488,8 +544,11 @@ def _bad_name(name: Any) -> str:
     """Why ``name`` cannot be a backend name ("" when it can)."""
     if not isinstance(name, str) or not name.strip():
         return "a non-empty str"
-    if name != name.strip() or "," in name:
-        return "a str without commas or surrounding spaces (names are split on commas)"
+    if name != name.strip() or "," in name or ">" in name:
+        return (
+            "a str without commas, '>' or surrounding spaces (selections split names on "
+            "commas and chain them with '>')"
+        )
     return ""
 
 
@@ -575,17 +634,7 @@ def _claims_of(obj: Any) -> Tuple[str, ...]:
     """A backend's declared claims, checked to be known capability names."""
     from .probes import PROBES
 
-    claims = getattr(obj, "claims", ())
-    if isinstance(claims, str) or not isinstance(claims, (tuple, list, frozenset, set)):
-        raise TypeError(
-            f"Backend.claims must be a tuple of capability names such as "
-            f"('custom_function',), got {claims!r}"
-        )
-    unknown = [c for c in claims if c not in PROBES]
-    if unknown:
-        valid = ", ".join(repr(c) for c in PROBES)
-        raise TypeError(f"Backend.claims names unknown capabilities {unknown!r}; valid: {valid}")
-    return tuple(claims)
+    return check_capability_names(getattr(obj, "claims", ()), PROBES)
 
 
 def _claims(backend: Backend) -> Tuple[str, ...]:
@@ -607,15 +656,6 @@ def _check_loaded(backend: Backend, entry: Entry) -> None:
         )
 
 
-def _describe(exc: BaseException) -> str:
-    try:
-        text = str(exc).strip().splitlines()
-    except Exception:  # an exception whose str() fails still has a type
-        text = []
-    first = text[0].strip() if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 def _describe_backend(backend: Backend) -> str:
     if backend.distribution:
         return f"plugin {backend.name!r} from distribution {backend.distribution!r}"
@@ -629,6 +669,23 @@ def _qualname(obj: Any) -> str:
     if name:
         return f"{getattr(obj, '__module__', '?')}.{name}"
     return f"a {type(obj).__name__} object"
+
+
+def _missing_dependency_hint(exc: BaseException, entry: Entry) -> str:
+    """What to install when a plugin's import stops at a module it needs."""
+    missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+    if not missing or entry.origin == "built-in":
+        return ""
+    own = entry.value.partition(":")[0]
+    if own == missing or own.startswith(missing + "."):
+        return ""  # the plugin's own module is missing: the distribution is broken
+    top = missing.split(".")[0]
+    who = f"the distribution {entry.distribution!r}" if entry.distribution else "it"
+    return (
+        f"The backend needs the module {missing!r}, which is not installed: install the "
+        f"package that provides it (often pip install {top}), or reinstall {who} with its "
+        f"dependencies"
+    )
 
 
 def _hint(entry: Entry) -> str:

@@ -1,4 +1,4 @@
-"""Selection: which backend the transforms use, and why.
+"""Selection: which backend runs a call, and why. Every such decision lives here.
 
 The precedence, innermost first:
 
@@ -6,12 +6,32 @@ The precedence, innermost first:
 2. ``adbackends.use(name)`` (process-wide);
 3. the environment variable ``TAD_AD_BACKEND``: a name, ``auto``, or a
    comma-separated preference list, read lazily and never at import;
-4. automatic: the first built-in backend, in priority order, that loads and
-   passes the required capability probes (``custom_function`` by default).
+4. automatic: the first built-in backend in :data:`AUTO_ORDER` that loads and
+   passes the required capability probes (:func:`require`; by default
+   ``custom_function``).
 
 An explicit single name (from any level) is honoured as it is: the backend
-must load, but it is not probed. A preference list and ``auto`` pick the first
-candidate that loads and passes the required probes.
+must load, but it is not probed, and it is strict: an error is raised as the
+backend raises it. A preference list (any value with a comma, ``loop,``
+included) and ``auto`` pick the first candidate that loads and passes the
+required probes.
+
+A *chain* ``native>fallback`` (``use("torch.func", fallback="loop")``,
+``TAD_AD_BACKEND=torch.func>loop``) runs each call on the native backend and,
+when that backend cannot transform the function, on the fallback
+(:mod:`adbackends.fallback`). Automatic selection makes one: when the first
+qualified backend has native transforms, auto is that backend with the loop
+backend as its per-call fallback (torch.func>loop on torch >= 2).
+
+This module also decides which backend serves ``fjacrev``/``fvmap`` (the best
+one with native composable transforms, :func:`native_backend`) and which
+backends an error message may suggest (:func:`alternatives`).
+
+Choices are cached. Each cache is stamped with the registry's
+:attr:`~adbackends.registry.Registry.generation` and the required
+capabilities, so any change to the registry (by :func:`adbackends.register`,
+:func:`adbackends.unregister`, :func:`adbackends.refresh` or the registry's
+own methods) or to :func:`require` is seen by the next call.
 """
 
 from __future__ import annotations
@@ -21,19 +41,25 @@ import contextvars
 import logging
 import os
 import threading
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from .backend import Backend
+from ._shared import external_stacklevel, native_call_active
+from .backend import Backend, set_native_resolver
 from .errors import BackendError, BackendUnavailableError, UnknownBackendError
-from .registry import AUTO, AUTO_ORDER, REGISTRY
+from .registry import AUTO, REGISTRY
 
 __all__ = [
+    "AUTO_ORDER",
+    "DEFAULT_REQUIRED",
     "ENV_VAR",
-    "REQUIRED",
     "Choice",
+    "alternatives",
     "current",
+    "explain",
     "get",
     "native_backend",
+    "require",
     "use",
     "using",
 ]
@@ -42,8 +68,10 @@ log = logging.getLogger("adbackends")
 
 #: The environment variable read at the third level of precedence.
 ENV_VAR = "TAD_AD_BACKEND"
-#: Capabilities a backend must have to be picked automatically.
-REQUIRED: Tuple[str, ...] = ("custom_function",)
+#: Built-in backends in automatic-selection priority order.
+AUTO_ORDER: Tuple[str, ...] = ("torch.func", "functorch", "loop")
+#: What automatic selection requires unless :func:`require` says otherwise.
+DEFAULT_REQUIRED: Tuple[str, ...] = ("custom_function",)
 
 
 class Choice(NamedTuple):
@@ -67,24 +95,47 @@ class Choice(NamedTuple):
     rejected: Tuple[Tuple[str, str], ...] = ()
 
 
-class _Auto:
-    """Marker for an explicit request for automatic selection."""
+class _State:
+    """Everything selection remembers; guarded by ``lock``."""
 
-    def __repr__(self) -> str:
-        return "'auto'"
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.process: Optional[str] = None  # the name given to use(), or None
+        self.required: Tuple[str, ...] = DEFAULT_REQUIRED
+        self.stamp: Tuple[int, Tuple[str, ...]] = (-1, ())
+        self.auto: Optional[Choice] = None
+        self.native: Optional[Backend] = None
+        self.env: Dict[str, Choice] = {}
+        self.explicit: Dict[Tuple[str, str], Choice] = {}
+        self.chains: Dict[Tuple[str, ...], Backend] = {}
+
+    def forget(self) -> None:
+        self.auto = None
+        self.native = None
+        self.env = {}
+        self.explicit = {}
+        self.chains = {}
+        self.stamp = (REGISTRY.generation, self.required)
 
 
-_AUTO_MARK = _Auto()
-_Selected = Union[Backend, _Auto]
-
-_context: contextvars.ContextVar[Optional[_Selected]] = contextvars.ContextVar(
+_state = _State()
+_context: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     "adbackends_using", default=None
 )
-_process: Optional[_Selected] = None
-_lock = threading.RLock()
-_auto_cache: Optional[Choice] = None
-_native_cache: Optional[Backend] = None
-_env_cache: Dict[str, Choice] = {}
+
+_SOURCES = {"using": "with adbackends.using(...)", "use": "adbackends.use(...)"}
+
+
+def _fresh() -> _State:
+    """The state, with its caches dropped if the registry or requirements changed."""
+    state = _state
+    if state.stamp[0] != REGISTRY.generation or state.stamp[1] is not state.required:
+        with state.lock:
+            state.forget()
+    return state
+
+
+# -- the public verbs -------------------------------------------------------------
 
 
 def get(name: str) -> Backend:
@@ -111,18 +162,23 @@ def get(name: str) -> Backend:
     name = _check_name(name, "get()")
     if name == AUTO:
         return _auto().backend
-    return REGISTRY.get(name, "get()")
+    return _resolve(name, "get()")
 
 
-def use(name: Optional[str]) -> Optional[Backend]:
+def use(name: Optional[str], *, fallback: Optional[str] = None) -> Optional[Backend]:
     """Choose the backend for the whole process; validated at once.
 
     Parameters
     ----------
     name : str or None
         A backend name, ``"auto"`` for automatic selection (which then
-        overrides ``TAD_AD_BACKEND``), or ``None`` to forget the choice so
-        that the environment variable and automatic selection apply again.
+        overrides ``TAD_AD_BACKEND``), a chain ``"native>fallback"``, or
+        ``None`` to forget the choice so that the environment variable and
+        automatic selection apply again.
+    fallback : str or None
+        Run each call that ``name`` cannot transform on this backend instead
+        (``use("torch.func", fallback="loop")`` is ``use("torch.func>loop")``).
+        Without it, a single name is strict: errors are raised as they are.
 
     Returns
     -------
@@ -138,25 +194,26 @@ def use(name: Optional[str]) -> Optional[Backend]:
     'loop'
     >>> adbackends.use(None)
     """
-    global _process
     if name is None:
-        with _lock:
-            _process = None
+        with _state.lock:
+            _state.process = None
         log.debug("use(None): process-wide choice cleared")
         return None
-    selected = _resolve_name(_check_name(name, "use()"), "use()")
-    with _lock:
-        _process = selected
+    name = _with_fallback(_check_name(name, "use()"), fallback, "use()")
+    backend = _backend_for(name, "use")  # validates before anything changes
+    with _state.lock:
+        _state.process = name
     log.debug("use(%r)", name)
-    return _auto().backend if selected is _AUTO_MARK else selected  # type: ignore[return-value]
+    return backend
 
 
 @contextlib.contextmanager
-def using(name: str) -> Iterator[Backend]:
+def using(name: str, *, fallback: Optional[str] = None) -> Iterator[Backend]:
     """Use a backend inside a ``with`` block, for this thread or asyncio task only.
 
     Blocks nest, and leaving one restores exactly what was active before it;
-    the process-wide choice made by :func:`use` is never touched.
+    the process-wide choice made by :func:`use` is never touched. ``name`` and
+    ``fallback`` are as for :func:`use`.
 
     Examples
     --------
@@ -165,66 +222,192 @@ def using(name: str) -> Iterator[Backend]:
     ...     backend.name, adbackends.current().name
     ('loop', 'loop')
     """
-    selected = _resolve_name(_check_name(name, "using()"), "using()")
-    token = _context.set(selected)
+    name = _with_fallback(_check_name(name, "using()"), fallback, "using()")
+    backend = _backend_for(name, "using")
+    token = _context.set(name)
     try:
-        yield _auto().backend if selected is _AUTO_MARK else selected  # type: ignore[misc]
+        yield backend
     finally:
         _context.reset(token)
 
 
 def current(explain: bool = False) -> Any:
-    """The active backend, or with ``explain=True`` a :class:`Choice` saying why.
+    """The active backend.
+
+    ``current(explain=True)`` is deprecated: use :func:`explain`, which
+    returns the :class:`Choice` with where it came from and why.
 
     Examples
     --------
     >>> import adbackends
     >>> with adbackends.using("loop"):
-    ...     choice = adbackends.current(explain=True)
+    ...     adbackends.current().name
+    'loop'
+    """
+    if explain:
+        warnings.warn(
+            "adbackends.current(explain=True) is deprecated; use adbackends.explain(), "
+            "which returns the same Choice",
+            DeprecationWarning,
+            stacklevel=external_stacklevel(),
+        )
+        return _choose()
+    return _choose().backend
+
+
+def explain() -> Choice:
+    """The active backend and why: a :class:`Choice` with its source and reason.
+
+    Examples
+    --------
+    >>> import adbackends
+    >>> with adbackends.using("loop"):
+    ...     choice = adbackends.explain()
     >>> choice.backend.name, choice.source
     ('loop', 'using')
     """
-    choice = _choose()
-    return choice if explain else choice.backend
+    return _choose()
+
+
+def require(*capabilities: str, replace: bool = False) -> Tuple[str, ...]:
+    """Add capabilities that automatic selection and preference lists demand.
+
+    Code with ctx-style autograd Functions (``forward(ctx, x)``) says so with
+    ``adbackends.require("legacy_function")``: auto then skips backends whose
+    probe for it fails. Explicitly named backends are never probed.
+
+    Parameters
+    ----------
+    *capabilities : str
+        Probe names (see :func:`adbackends.plugin.describe`). With none,
+        nothing changes and the current requirements are returned.
+    replace : bool
+        Set exactly these instead of adding them;
+        ``require(*adbackends.selection.DEFAULT_REQUIRED, replace=True)``
+        restores the default.
+
+    Returns
+    -------
+    tuple of str
+        The requirements now in force.
+
+    Raises
+    ------
+    ValueError
+        For a name that is not a capability; nothing changes.
+
+    Examples
+    --------
+    >>> import adbackends
+    >>> adbackends.require()
+    ('custom_function',)
+    >>> adbackends.require("legacy_function")
+    ('custom_function', 'legacy_function')
+    >>> adbackends.require("custom_function", replace=True)
+    ('custom_function',)
+    """
+    from .probes import PROBES
+
+    for cap in capabilities:
+        if not isinstance(cap, str) or cap not in PROBES:
+            valid = ", ".join(repr(c) for c in PROBES)
+            raise ValueError(f"require(): unknown capability {cap!r}; valid capabilities: {valid}")
+    with _state.lock:
+        if replace:
+            wanted = tuple(dict.fromkeys(capabilities))
+        else:
+            wanted = tuple(dict.fromkeys(_state.required + tuple(capabilities)))
+        if wanted != _state.required:
+            _state.required = wanted
+            log.debug("required capabilities: %s", ", ".join(wanted) or "none")
+        return _state.required
+
+
+# -- choosing ----------------------------------------------------------------------
 
 
 def _choose() -> Choice:
-    selected = _context.get()
-    if selected is not None:
-        return _explicit(selected, "using", "with adbackends.using(...)")
-    selected = _process
-    if selected is not None:
-        return _explicit(selected, "use", "adbackends.use(...)")
+    """The choice for the call being made now (the hot path of every transform)."""
+    state = _fresh()
+    name = _context.get()
+    if name is not None:
+        return _explicit(state, name, "using")
+    name = state.process
+    if name is not None:
+        return _explicit(state, name, "use")
     raw = _env_value()
-    if raw.strip():
-        return _from_env(raw)
-    return _auto()
+    if raw and not raw.isspace():
+        cached = state.env.get(raw)
+        return cached if cached is not None else _from_env(raw)
+    auto = state.auto
+    return auto if auto is not None else _auto()
 
 
-# os.environ.get() of an unset variable raises and catches a KeyError inside,
-# which is most of the dispatch cost of a transform; read the mapping behind
-# os.environ directly where CPython has one (it is kept in sync by putenv).
-_ENV_DATA: Optional[Dict[Any, Any]] = getattr(os.environ, "_data", None)
-try:
-    _ENV_KEY: Any = os.environ.encodekey(ENV_VAR)  # type: ignore[attr-defined]
-except AttributeError:  # pragma: no cover - not CPython's os.environ
-    _ENV_DATA = None
+def _explicit(state: _State, name: str, source: str) -> Choice:
+    cached = state.explicit.get((name, source))
+    if cached is not None:
+        return cached
+    how = _SOURCES[source]
+    if name == AUTO:
+        auto = _auto()
+        choice = auto._replace(source=source, reason=f"{how} asked for auto: {auto.reason}")
+    else:
+        # A name unregistered since use()/using() raises here, naming the source.
+        choice = Choice(_resolve(name, f"{source}()"), source, f"chosen by {how}")
+    with state.lock:
+        if state.stamp[0] == REGISTRY.generation:
+            state.explicit[(name, source)] = choice
+    return choice
+
+
+def _backend_for(name: str, source: str) -> Backend:
+    if name == AUTO:
+        return _auto().backend
+    return _resolve(name, f"{source}()")
+
+
+def _with_fallback(name: str, fallback: Optional[str], source: str) -> str:
+    if fallback is None:
+        return name
+    fallback = _check_name(fallback, source)
+    if name == AUTO or fallback == AUTO:
+        raise ValueError(f"{source}: 'auto' cannot be part of a chain; name two backends")
+    return f"{name}>{fallback}"
+
+
+def _resolve(spec: str, source: str) -> Backend:
+    """The backend a name or a chain ``a>b>c`` stands for."""
+    if ">" not in spec:
+        return REGISTRY.get(spec, source)
+    names = tuple(part.strip() for part in spec.split(">"))
+    if len(names) < 2 or not all(names) or AUTO in names or len(set(names)) != len(names):
+        raise ValueError(
+            f"{source}: {spec!r} is not a fallback chain; write two or more different "
+            f"backend names joined by '>', such as 'torch.func>loop'"
+        )
+    return _chain(names, source)
+
+
+def _chain(names: Tuple[str, ...], source: str = "") -> Backend:
+    state = _fresh()
+    cached = state.chains.get(names)
+    if cached is not None:
+        return cached
+    from .fallback import ChainBackend
+
+    backends = [REGISTRY.get(name, source) for name in names]
+    chain = backends[-1]
+    for native in reversed(backends[:-1]):
+        chain = ChainBackend(native, chain)
+    with state.lock:
+        if state.stamp[0] == REGISTRY.generation:
+            state.chains[names] = chain
+    return chain
 
 
 def _env_value() -> str:
     """The raw value of TAD_AD_BACKEND, or ``""`` when it is unset."""
-    if _ENV_DATA is not None:
-        raw = _ENV_DATA.get(_ENV_KEY)
-        return "" if raw is None else os.environ.decodevalue(raw)  # type: ignore[attr-defined]
     return os.environ.get(ENV_VAR, "")
-
-
-def _explicit(selected: _Selected, source: str, how: str) -> Choice:
-    if selected is _AUTO_MARK:
-        auto = _auto()
-        return auto._replace(source=source, reason=f"{how} asked for auto: {auto.reason}")
-    assert isinstance(selected, Backend)
-    return Choice(selected, source, f"chosen by {how}")
 
 
 def _check_name(name: Any, source: str) -> str:
@@ -239,35 +422,47 @@ def _check_name(name: Any, source: str) -> str:
     return stripped
 
 
-def _resolve_name(name: str, source: str) -> _Selected:
-    if name == AUTO:
-        return _AUTO_MARK
-    return REGISTRY.get(name, source)
+def parse_env(raw: str) -> Tuple[str, List[str]]:
+    """How a ``TAD_AD_BACKEND`` value reads: ``(kind, names)``.
+
+    ``kind`` is ``"unset"`` (empty, blank, or only commas and blanks),
+    ``"name"`` (one name or ``auto``, no comma) or ``"list"`` (a preference
+    list: any value with a comma, so ``"loop,"`` is a list of one).
+
+    Examples
+    --------
+    >>> from adbackends.selection import parse_env
+    >>> parse_env("loop"), parse_env(" loop, "), parse_env("functorch,loop")
+    (('name', ['loop']), ('list', ['loop']), ('list', ['functorch', 'loop']))
+    >>> parse_env(" , ")
+    ('unset', [])
+    """
+    names = [part.strip() for part in raw.split(",") if part.strip()]
+    if not names:
+        return "unset", []
+    return ("list" if "," in raw else "name"), names
 
 
 def _from_env(raw: str) -> Choice:
-    cached = _env_cache.get(raw)
-    if cached is not None:
-        return cached
-    with _lock:
-        names = [part.strip() for part in raw.split(",") if part.strip()]
+    state = _fresh()
+    with state.lock:
+        kind, names = parse_env(raw)
         source = f"{ENV_VAR}={raw.strip()!r}"
-        if not names:  # only commas and blanks: as good as unset
+        if kind == "unset":
             return _auto()
-        if len(names) == 1:
-            if names[0] == AUTO:
-                auto = _auto()
-                choice = auto._replace(
-                    source="env", reason=f"{source} asks for auto: {auto.reason}"
-                )
-            else:
-                choice = Choice(REGISTRY.get(names[0], ENV_VAR), "env", f"chosen by {source}")
+        if kind == "name" and names[0] == AUTO:
+            auto = _auto()
+            choice = auto._replace(source="env", reason=f"{source} asks for auto: {auto.reason}")
+        elif kind == "name":
+            choice = Choice(_resolve(names[0], ENV_VAR), "env", f"chosen by {source}")
         else:
             for name in names:  # every name is checked before any is tried
-                if name != AUTO:
-                    _known(name, ENV_VAR)
+                for part in name.split(">"):
+                    if part.strip() != AUTO:
+                        _known(part.strip(), ENV_VAR)
             choice = _first_qualified(names, "env", f"first usable backend in {source}")
-        _env_cache[raw] = choice
+        if state.stamp[0] == REGISTRY.generation:
+            state.env[raw] = choice
         log.debug("%s -> %r (%s)", source, choice.backend.name, choice.reason)
         return choice
 
@@ -280,8 +475,9 @@ def _known(name: str, source: str) -> None:
 
 
 def _first_qualified(names: Sequence[str], source: str, what: str) -> Choice:
-    """The first of ``names`` that loads and passes every REQUIRED probe."""
+    """The first of ``names`` that loads and passes every required probe."""
     rejected: List[Tuple[str, str]] = []
+    required = _state.required
     for name in names:
         if name == AUTO:
             auto = _auto()
@@ -290,23 +486,21 @@ def _first_qualified(names: Sequence[str], source: str, what: str) -> Choice:
                 reason=f"{what}: none before 'auto' qualified; {auto.reason}",
                 rejected=tuple(rejected) + auto.rejected,
             )
-        why = _disqualified(name)
+        why = _disqualified(name, required)
         if why is None:
-            required = ", ".join(REQUIRED)
-            return Choice(
-                REGISTRY.get(name), source, f"{what} that passes {required}", tuple(rejected)
-            )
+            passes = f" that passes {', '.join(required)}" if required else ""
+            return Choice(_resolve(name, ENV_VAR), source, f"{what}{passes}", tuple(rejected))
         rejected.append((name, why))
     detail = "; ".join(f"{n}: {why}" for n, why in rejected)
     raise BackendError(f"no usable autodiff backend ({what}): {detail}")
 
 
-def _disqualified(name: str) -> Optional[str]:
+def _disqualified(name: str, required: Sequence[str]) -> Optional[str]:
     try:
-        backend = REGISTRY.get(name)
+        backend = _resolve(name, ENV_VAR)
     except BackendUnavailableError as exc:
         return f"does not load ({exc.reason})"
-    for cap in REQUIRED:
+    for cap in required:
         support = backend.supports(cap)
         if not support:
             return f"fails probe {cap} ({support.reason})"
@@ -314,36 +508,58 @@ def _disqualified(name: str) -> Optional[str]:
 
 
 def _auto() -> Choice:
-    global _auto_cache
-    cached = _auto_cache
+    state = _fresh()
+    cached = state.auto
     if cached is not None:
         return cached
-    with _lock:
-        if _auto_cache is None:
+    with state.lock:
+        if state.auto is None:
             order = ", ".join(AUTO_ORDER)
             choice = _first_qualified(AUTO_ORDER, "auto", f"first in priority order ({order})")
+            choice = _with_loop_fallback(choice)
             log.debug(
                 "auto -> %r; ruled out: %s",
                 choice.backend.name,
                 "; ".join(f"{n}: {r}" for n, r in choice.rejected) or "none",
             )
-            _auto_cache = choice
-        return _auto_cache
+            state.auto = choice
+        return state.auto
+
+
+def _with_loop_fallback(choice: Choice) -> Choice:
+    """Auto's choice, given the loop backend as per-call fallback where that helps.
+
+    A backend with native transforms cannot transform every function; the
+    loop backend can. Where the loop backend itself was chosen (torch 1.12
+    and 1.13, whose functorch refuses autograd Functions) nothing changes.
+    """
+    native = choice.backend
+    if native.name == "loop" or not native.supports("transforms"):
+        return choice
+    if REGISTRY.failure("loop") is not None:
+        return choice
+    chain = _chain((native.name, "loop"))
+    reason = f"{choice.reason}, with loop as per-call fallback"
+    return choice._replace(backend=chain, reason=reason)
+
+
+# -- native transforms and hints -----------------------------------------------------
 
 
 def native_backend() -> Backend:
-    """The best backend with native composable transforms (for fjacrev/fvmap).
+    """The best backend here with native composable transforms (for fjacrev/fvmap).
 
     Raises
     ------
     adbackends.BackendUnavailableError
         When neither torch.func nor functorch works here; it says what to install.
     """
-    global _native_cache
-    if _native_cache is not None:
-        return _native_cache
-    with _lock:
-        if _native_cache is None:
+    state = _fresh()
+    cached = state.native
+    if cached is not None:
+        return cached
+    with state.lock:
+        if state.native is None:
             reasons = []
             for name in AUTO_ORDER:
                 try:
@@ -353,7 +569,7 @@ def native_backend() -> Backend:
                     continue
                 support = backend.supports("transforms")
                 if support:
-                    _native_cache = backend
+                    state.native = backend
                     break
                 reasons.append(f"{name}: {support.reason}")
             else:
@@ -363,35 +579,84 @@ def native_backend() -> Backend:
                     "Install torch >= 2.0 for torch.func, or functorch (bundled with "
                     "torch >= 1.13; pip install functorch==0.2.1 for torch 1.12)",
                 )
-        return _native_cache
+        return state.native
 
 
-def alternatives_for(capability: str) -> List[str]:
-    """Built-in backends that load here and pass ``capability``."""
+def _native_for(backend: Backend) -> Backend:
+    return backend if backend.supports("transforms") else native_backend()
+
+
+set_native_resolver(_native_for)
+
+#: Capabilities that the loop backend has by construction: it calls nothing
+#: but ``torch.autograd.grad``, which runs every autograd.Function. Named in
+#: hints without a probe, because a hint may be built inside a running
+#: transform, where no probe may run.
+_LOOP_BY_CONSTRUCTION = ("custom_function", "legacy_function")
+
+
+def alternatives(
+    capability: str,
+    exclude: Sequence[str] = (),
+    *,
+    native: Optional[bool] = None,
+    probe: bool = True,
+) -> List[str]:
+    """Built-in backends here that have ``capability``, best first, for error hints.
+
+    Parameters
+    ----------
+    capability : str
+        The probe that failed.
+    exclude : sequence of str
+        Backends to leave out (the one that failed).
+    native : bool or None
+        Only backends with native transforms, as ``fjacrev``/``fvmap`` need.
+        ``None`` decides from the call being served: native-only inside
+        ``fjacrev``/``fvmap``.
+    probe : bool
+        Run probes that have not run yet. ``False`` uses cached answers only,
+        for hints built inside a running transform.
+    """
+    if native is None:
+        native = native_call_active()
     names = []
     for name in AUTO_ORDER:
-        try:
-            backend = REGISTRY.get(name)
-        except BackendUnavailableError:
+        if name in exclude:
             continue
-        if backend.supports(capability):
+        if probe:
+            if REGISTRY.failure(name) is not None:
+                continue
+            backend = REGISTRY.get(name)
+            if (not native or backend.supports("transforms")) and backend.supports(capability):
+                names.append(name)
+        elif _cached_has(name, capability, native):
             names.append(name)
     return names
 
 
+def _cached_has(name: str, capability: str, native: bool) -> bool:
+    """Whether cached probe answers say ``name`` has ``capability`` (no probe runs)."""
+    from .probes import cached_support
+
+    backend = REGISTRY.loaded(name)
+    if name == "loop" and not native:
+        return capability in _LOOP_BY_CONSTRUCTION or (
+            backend is not None and bool(cached_support(backend, capability))
+        )
+    if backend is None:
+        return False
+    if native and not cached_support(backend, "transforms"):
+        return False
+    return bool(cached_support(backend, capability))
+
+
+# -- for tests --------------------------------------------------------------------------
+
+
 def _reset() -> None:
-    """Forget every choice and cache, for tests and :func:`adbackends.refresh`."""
-    global _process, _auto_cache, _native_cache
-    with _lock:
-        _process = None
-        _auto_cache = None
-        _native_cache = None
-        _env_cache.clear()
-
-
-def _forget_caches() -> None:
-    global _auto_cache, _native_cache
-    with _lock:
-        _auto_cache = None
-        _native_cache = None
-        _env_cache.clear()
+    """Forget every choice, requirement and cache (tests start clean with it)."""
+    with _state.lock:
+        _state.process = None
+        _state.required = DEFAULT_REQUIRED
+        _state.forget()

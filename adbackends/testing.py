@@ -37,13 +37,12 @@ True
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import math
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Type, Union
 
+from ._shared import check_capability_names, summarize_exception
 from .backend import Backend
 
 __all__ = [
@@ -55,7 +54,6 @@ __all__ = [
     "ConformanceError",
     "ConformanceReport",
     "check_backend",
-    "cli_check",
 ]
 
 #: (rtol, atol) for float64 values when the backend states no tolerance.
@@ -270,15 +268,10 @@ class _Context:
             return
         except Exception as exc:
             raise AssertionError(
-                f"{what}: raised {type(exc).__name__} ({_first_line(exc)}), expected "
+                f"{what}: raised {summarize_exception(exc)}, expected "
                 f"{expected.__name__} as {self.reference.name} raises"
             ) from None
         raise AssertionError(f"{what}: raised nothing, expected {expected.__name__}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:160] if text else ""
 
 
 # -- jacrev ---------------------------------------------------------------------
@@ -659,9 +652,9 @@ def check_backend(
         For a ``backend`` that is not a Backend, or malformed tolerances,
         claims or limitations.
     """
-    from .registry import REGISTRY
+    from .selection import get
 
-    target = REGISTRY.get(backend) if isinstance(backend, str) else backend
+    target = get(backend) if isinstance(backend, str) else backend
     if not isinstance(target, Backend):
         raise TypeError(
             f"check_backend() takes an adbackends.Backend or a backend name, got "
@@ -698,7 +691,9 @@ def _reference(reference: Union[Backend, str, None]) -> Backend:
     if isinstance(reference, Backend):
         return reference
     if isinstance(reference, str):
-        return REGISTRY.get(reference)
+        from .selection import get
+
+        return get(reference)
     if reference is not None:
         raise TypeError(f"reference must be a Backend, a name or None, got {reference!r}")
     if REGISTRY.failure("torch.func") is None:
@@ -741,15 +736,7 @@ def _limitations(backend: Backend) -> Dict[str, str]:
 def _declared_claims(backend: Backend) -> Tuple[str, ...]:
     from .probes import PROBES
 
-    claims = getattr(backend, "claims", ())
-    if isinstance(claims, str) or not isinstance(claims, (tuple, list, set, frozenset)):
-        raise ValueError(f"Backend.claims must be a tuple of capability names, got {claims!r}")
-    unknown = [c for c in claims if c not in PROBES]
-    if unknown:
-        raise ValueError(
-            f"Backend.claims names unknown capabilities {unknown!r}; valid: {list(PROBES)}"
-        )
-    return tuple(claims)
+    return check_capability_names(getattr(backend, "claims", ()), PROBES)
 
 
 def _run(
@@ -765,11 +752,7 @@ def _run(
     except _Skip as exc:
         return CheckResult(name, "skip", str(exc), time.perf_counter() - start)
     except Exception as exc:
-        detail = (
-            f"{type(exc).__name__}: {_first_line(exc)}"
-            if not isinstance(exc, AssertionError)
-            else str(exc)
-        )
+        detail = str(exc) if isinstance(exc, AssertionError) else summarize_exception(exc)
         elapsed = time.perf_counter() - start
         if waiver is not None:
             return CheckResult(name, "waived", f"{waiver} (it fails: {detail})", elapsed)
@@ -788,13 +771,3 @@ def _run_claim(backend: Backend, capability: str) -> CheckResult:
     if support:
         return CheckResult(name, "pass", "", elapsed)
     return CheckResult(name, "fail", f"claimed, but the probe fails: {support.reason}", elapsed)
-
-
-def cli_check(args: argparse.Namespace) -> int:
-    """``python -m adbackends check NAME [--json]``: 0 when the backend passes, else 1."""
-    report = check_backend(args.name, raise_on_failure=False)
-    if getattr(args, "json", False):
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(report.summary())
-    return 0 if report.ok else 1

@@ -10,7 +10,8 @@ import pytest
 
 import adbackends
 from adbackends import selection
-from adbackends.registry import AUTO_ORDER, REGISTRY
+from adbackends.registry import REGISTRY
+from adbackends.selection import AUTO_ORDER
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import torch
 
 import adbackends
 from adbackends.backends.loop import LoopBackend
+from adbackends.plugin import PROBES
 
 from .conftest import require
 
@@ -83,7 +84,7 @@ def test_probes_restore_cuda_rng_state():
     before = torch.cuda.get_rng_state_all()
     caps = LoopBackend().capabilities()
     after = torch.cuda.get_rng_state_all()
-    assert len(caps) == len(adbackends.PROBES)
+    assert len(caps) == len(PROBES)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 

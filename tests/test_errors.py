@@ -124,7 +124,7 @@ def test_backend_that_does_not_load_says_why_and_what_to_install(broken, path):
 
 def test_unavailable_backend_in_env_list_is_skipped_with_reason(broken, monkeypatch):
     monkeypatch.setenv(selection.ENV_VAR, f"{broken},loop")
-    choice = adbackends.current(explain=True)
+    choice = adbackends.explain()
     assert choice.backend.name == "loop"
     assert choice.rejected[0][0] == broken
     assert "does not load" in choice.rejected[0][1]

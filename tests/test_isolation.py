@@ -8,7 +8,8 @@ import threading
 import pytest
 
 import adbackends
-from adbackends.registry import AUTO_ORDER, REGISTRY
+from adbackends.registry import REGISTRY
+from adbackends.selection import AUTO_ORDER
 
 LOADABLE = [n for n in AUTO_ORDER if REGISTRY.failure(n) is None]
 
@@ -83,7 +84,7 @@ def test_many_threads_nesting_concurrently(two_names):
     for t in threads:
         t.join(60)
     assert errors == []
-    assert adbackends.current(explain=True).source == "auto"
+    assert adbackends.explain().source == "auto"
 
 
 def test_asyncio_tasks_are_isolated(two_names):
@@ -103,7 +104,7 @@ def test_asyncio_tasks_are_isolated(two_names):
         await s1.wait()
         await s2.wait()
         # Both tasks are inside their blocks, interleaved; the caller is not.
-        outside = adbackends.current(explain=True).source
+        outside = adbackends.explain().source
         go.set()
         await asyncio.gather(t1, t2)
         return seen, outside

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import adbackends
-from adbackends import probes
+from adbackends import probes, selection
 from adbackends.backends.loop import LoopBackend
+from adbackends.plugin import PROBES
 
 
 class CountingLoop(LoopBackend):
@@ -97,9 +98,9 @@ def test_support_is_truthy_only_on_success():
 
 def test_loop_probe_results():
     caps = adbackends.get("loop").capabilities()
-    assert list(caps) == list(adbackends.PROBES)
+    assert list(caps) == list(PROBES)
     passed = {name for name, s in caps.items() if s}
-    assert passed == set(adbackends.PROBES) - {"transforms"}
+    assert passed == set(PROBES) - {"transforms"}
     assert "loops instead of vectorising" in caps["transforms"].reason
 
 
@@ -116,7 +117,7 @@ def _state():
     }
 
 
-@pytest.mark.parametrize("name", list(adbackends.AUTO_ORDER))
+@pytest.mark.parametrize("name", list(selection.AUTO_ORDER))
 def test_probes_leave_global_state_as_they_found_it(name):
     failure = adbackends.registry.REGISTRY.failure(name)
     if failure is not None:
@@ -140,7 +141,7 @@ def test_probes_leave_global_state_as_they_found_it(name):
     finally:
         torch.set_default_dtype(previous_dtype)
         torch.use_deterministic_algorithms(previous_det)
-    assert len(caps) == len(adbackends.PROBES)
+    assert len(caps) == len(PROBES)
     assert torch.equal(before.pop("rng"), after.pop("rng"))
     assert before == after
     # Warnings raised inside probes (functorch's deprecation notice, the
@@ -157,5 +158,5 @@ def test_probe_result_does_not_depend_on_callers_grad_mode():
 
 
 def test_every_probe_has_a_description():
-    for name in adbackends.PROBES:
+    for name in PROBES:
         assert len(probes.describe(name)) > 20

@@ -11,6 +11,7 @@ import pytest
 
 import adbackends
 from adbackends import cli, selection
+from adbackends.plugin import PROBES
 from adbackends.registry import REGISTRY
 
 
@@ -32,11 +33,11 @@ def test_json_report_structure(capsys):
     assert cli.main(["--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     names = [b["name"] for b in data["backends"]]
-    assert names[:3] == list(adbackends.AUTO_ORDER)
+    assert names[:3] == list(selection.AUTO_ORDER)
     assert data["active"]["name"] == adbackends.current().name
     assert data["active"]["source"] == "auto"
     assert data["required"] == ["custom_function"]
-    assert set(data["capabilities"]) == set(adbackends.PROBES)
+    assert set(data["capabilities"]) == set(PROBES)
     for item in data["backends"]:
         failure = REGISTRY.failure(item["name"])
         if failure is None:
@@ -54,12 +55,12 @@ def test_json_report_structure(capsys):
 def test_text_report_shows_every_backend_capability_and_the_active_one(capsys):
     assert cli.main([]) == 0
     out = capsys.readouterr().out
-    active = adbackends.current(explain=True)
+    active = adbackends.explain()
     assert f"Active backend: {active.backend.name} (source: auto)" in out
-    for name in adbackends.AUTO_ORDER:
+    for name in selection.AUTO_ORDER:
         assert f"  {name}  [built-in]" in out
     loop = REGISTRY.get("loop")
-    for cap in adbackends.PROBES:
+    for cap in PROBES:
         support = loop.supports(cap)
         line = f"\u2713 {cap}" if support else f"\u2717 {cap}  ({support.reason})"
         assert line in out
@@ -92,4 +93,4 @@ def test_bad_env_is_reported_not_a_traceback():
     assert "UnknownBackendError" in data["active"]["error"]
     assert "Traceback" not in proc.stderr
     # Every backend is still listed.
-    assert [b["name"] for b in data["backends"]][:3] == list(adbackends.AUTO_ORDER)
+    assert [b["name"] for b in data["backends"]][:3] == list(selection.AUTO_ORDER)

@@ -15,7 +15,7 @@ import adbackends
 from adbackends import selection
 from adbackends.registry import REGISTRY
 
-LOADABLE = [n for n in adbackends.AUTO_ORDER if REGISTRY.failure(n) is None]
+LOADABLE = [n for n in selection.AUTO_ORDER if REGISTRY.failure(n) is None]
 
 
 def _auto_name() -> str:
@@ -48,11 +48,13 @@ def run_python(code: str, env_value=None) -> subprocess.CompletedProcess:
 
 def test_auto_is_the_first_backend_passing_custom_function():
     expected = next(n for n in LOADABLE if REGISTRY.get(n).supports("custom_function"))
-    choice = adbackends.current(explain=True)
-    assert choice.backend.name == expected
+    choice = adbackends.explain()
+    # With native transforms, auto keeps the loop backend as per-call fallback.
+    native = REGISTRY.get(expected).supports("transforms") and expected != "loop"
+    assert choice.backend.name == (f"{expected}>loop" if native else expected)
     assert choice.source == "auto"
     ruled_out = [name for name, _ in choice.rejected]
-    assert ruled_out == [n for n in adbackends.AUTO_ORDER[: adbackends.AUTO_ORDER.index(expected)]]
+    assert ruled_out == [n for n in selection.AUTO_ORDER[: selection.AUTO_ORDER.index(expected)]]
 
 
 def test_use_beats_env_and_auto(monkeypatch):
@@ -60,7 +62,7 @@ def test_use_beats_env_and_auto(monkeypatch):
     monkeypatch.setenv(selection.ENV_VAR, env_choice)
     assert adbackends.current().name == env_choice
     assert adbackends.use("loop").name == "loop"
-    choice = adbackends.current(explain=True)
+    choice = adbackends.explain()
     assert (choice.backend.name, choice.source) == ("loop", "use")
 
 
@@ -70,16 +72,16 @@ def test_using_beats_use_and_env(monkeypatch):
     adbackends.use("loop")
     with adbackends.using(other) as backend:
         assert backend.name == other
-        assert adbackends.current(explain=True).source == "using"
+        assert adbackends.explain().source == "using"
         assert adbackends.current().name == other
     assert adbackends.current().name == "loop"
-    assert adbackends.current(explain=True).source == "use"
+    assert adbackends.explain().source == "use"
 
 
 def test_env_beats_auto(monkeypatch):
     target = _other_than(_auto_name())
     monkeypatch.setenv(selection.ENV_VAR, target)
-    choice = adbackends.current(explain=True)
+    choice = adbackends.explain()
     assert (choice.backend.name, choice.source) == (target, "env")
 
 
@@ -93,7 +95,7 @@ def test_use_none_falls_back_to_env(monkeypatch):
 def test_use_auto_overrides_env(monkeypatch):
     monkeypatch.setenv(selection.ENV_VAR, _other_than(_auto_name()))
     adbackends.use("auto")
-    choice = adbackends.current(explain=True)
+    choice = adbackends.explain()
     assert choice.backend.name == _auto_name()
     assert choice.source == "use"
 
@@ -115,7 +117,7 @@ def test_nested_using_restores_each_level():
                 names.append(adbackends.current().name)
             names.append(adbackends.current().name)
         names.append(adbackends.current().name)
-    names.append(adbackends.current(explain=True).source)
+    names.append(adbackends.explain().source)
     assert names == ["loop", LOADABLE[0], "loop", LOADABLE[0], "loop", "auto"]
 
 
@@ -123,7 +125,7 @@ def test_using_restores_after_an_exception():
     with pytest.raises(ZeroDivisionError):
         with adbackends.using("loop"):
             raise ZeroDivisionError
-    assert adbackends.current(explain=True).source == "auto"
+    assert adbackends.explain().source == "auto"
 
 
 def test_leaving_using_never_touches_use():
@@ -131,7 +133,7 @@ def test_leaving_using_never_touches_use():
     with adbackends.using(LOADABLE[0]):
         adbackends.use(LOADABLE[0])  # a process-wide change inside the block...
     # ...survives the block: using() restores only its own context.
-    assert adbackends.current(explain=True).source == "use"
+    assert adbackends.explain().source == "use"
     assert adbackends.current().name == LOADABLE[0]
 
 
@@ -176,7 +178,7 @@ def test_fjacrev_is_the_active_backends_own_when_native():
 @pytest.mark.parametrize("value", ["", "   ", "\t", " , "])
 def test_empty_env_counts_as_unset(monkeypatch, value):
     monkeypatch.setenv(selection.ENV_VAR, value)
-    choice = adbackends.current(explain=True)
+    choice = adbackends.explain()
     assert choice.source == "auto"
 
 
@@ -186,10 +188,11 @@ def test_env_is_trimmed(monkeypatch):
 
 
 def test_env_preference_list_takes_first_qualified(monkeypatch):
-    monkeypatch.setenv(selection.ENV_VAR, ",".join(adbackends.AUTO_ORDER))
-    choice = adbackends.current(explain=True)
+    monkeypatch.setenv(selection.ENV_VAR, ",".join(selection.AUTO_ORDER))
+    choice = adbackends.explain()
     assert choice.source == "env"
-    assert choice.backend.name == _auto_name()
+    # A list names backends, strictly: no fallback unless written as a chain.
+    assert choice.backend.name == _auto_name().split(">")[0]
 
 
 def test_env_preference_list_skips_failing_candidates(monkeypatch):
@@ -197,7 +200,7 @@ def test_env_preference_list_skips_failing_candidates(monkeypatch):
     functorch_ok = REGISTRY.failure("functorch") is None and REGISTRY.get("functorch").supports(
         "custom_function"
     )
-    choice = adbackends.current(explain=True)
+    choice = adbackends.explain()
     assert choice.backend.name == ("functorch" if functorch_ok else "loop")
     if not functorch_ok:
         assert choice.rejected and choice.rejected[0][0] == "functorch"
@@ -205,7 +208,7 @@ def test_env_preference_list_skips_failing_candidates(monkeypatch):
 
 def test_env_preference_list_with_auto(monkeypatch):
     monkeypatch.setenv(selection.ENV_VAR, "auto")
-    assert adbackends.current(explain=True).source == "env"
+    assert adbackends.explain().source == "env"
     assert adbackends.current().name == _auto_name()
 
 
@@ -221,7 +224,7 @@ def test_env_change_at_runtime_is_seen(monkeypatch):
 
 REPORT_CHOICE = """
 import json, adbackends
-choice = adbackends.current(explain=True)
+choice = adbackends.explain()
 print(json.dumps([choice.backend.name, choice.source]))
 """
 
@@ -245,7 +248,7 @@ def test_using_beats_env_in_subprocess():
     code = (
         "import json, adbackends\n"
         "with adbackends.using('loop'):\n"
-        "    c = adbackends.current(explain=True)\n"
+        "    c = adbackends.explain()\n"
         "print(json.dumps([c.backend.name, c.source]))\n"
     )
     proc = run_python(code, env_value=LOADABLE[0])

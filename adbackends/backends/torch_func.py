@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from ..backend import ArgNums, Backend
+from .._shared import ArgNums
+from ..backend import Backend, Refusal
+from ._native_refusals import classify
 
 __all__ = ["TorchFuncBackend"]
 
@@ -53,3 +55,6 @@ class TorchFuncBackend(Backend):
         chunk_size: Optional[int] = None,
     ) -> Callable[..., Any]:
         return self._func.vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
+
+    def cannot_transform(self, exc: BaseException) -> Optional[Refusal]:
+        return classify(exc)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 import adbackends
+from adbackends.plugin import ENTRY_POINT_GROUP, REGISTRY
 from adbackends.testing import check_backend
 
 plugin = pytest.importorskip("adbackends_autograd_functional")
@@ -23,16 +24,16 @@ def backend() -> adbackends.Backend:
 
 @pytest.fixture
 def reference() -> adbackends.Backend:
-    failure = adbackends.REGISTRY.failure("torch.func")
+    failure = REGISTRY.failure("torch.func")
     return adbackends.get("loop" if failure is not None else "torch.func")
 
 
 def test_found_through_its_entry_point(backend: adbackends.Backend) -> None:
     eps = importlib.metadata.entry_points()
     group = (
-        eps.select(group=adbackends.ENTRY_POINT_GROUP)
+        eps.select(group=ENTRY_POINT_GROUP)
         if hasattr(eps, "select")
-        else eps.get(adbackends.ENTRY_POINT_GROUP, [])  # Python < 3.10
+        else eps.get(ENTRY_POINT_GROUP, [])  # Python < 3.10
     )
     # Old importlib.metadata lists an editable install twice (dist-info and egg-info).
     (ep,) = {(ep.name, ep.value): ep for ep in group if ep.name == NAME}.values()

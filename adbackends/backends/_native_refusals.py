@@ -1,0 +1,109 @@
+"""When torch.func or functorch cannot transform a function, and what would fix it.
+
+The native backends' :meth:`~adbackends.Backend.cannot_transform` hooks use
+:func:`classify`: it reads an exception raised by torch.func (or functorch,
+whose messages are the same) and says whether it means "this transform
+cannot handle this function", as opposed to an error in the function itself.
+The knowledge lives here, beside the two backends that raise these messages,
+and nowhere else in the package.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from .._shared import summarize_exception
+from ..backend import Refusal
+
+__all__ = ["classify"]
+
+_FUNCTION_FIX = (
+    "write the autograd.Function in the setup_context style (forward(x) without ctx, "
+    "plus a setup_context staticmethod) and give it a vmap staticmethod or "
+    "generate_vmap_rule = True"
+)
+
+#: (fragment of the message, kind, what would make the function transformable).
+#: Checked in order; the first fragment found in the message decides.
+_KNOWN: Tuple[Tuple[str, str, str], ...] = (
+    (
+        "either (1) calling .item() on a Tensor or (2)",
+        "item_or_control_flow",
+        "avoid .item(), float()/int()/bool() of tensors and Python `if` on tensor values "
+        "inside vmap: keep values as tensors and use torch.where for branches",
+    ),
+    (
+        "calling .item() on a Tensor",
+        "item",
+        "avoid .item() (and float()/int() of tensors) inside vmap; keep values as tensors",
+    ),
+    (
+        "data-dependent control flow",
+        "control_flow",
+        "replace Python `if`/`while` on tensor values with torch.where (compute both "
+        "branches and select)",
+    ),
+    (
+        "dynamic shape",
+        "dynamic_shape",
+        "avoid boolean-mask indexing, nonzero() and unique() inside vmap: give every "
+        "result a fixed shape, for example torch.where(mask, x, 0).sum()",
+    ),
+    (
+        "don't yet support saved tensor hooks",
+        "saved_tensor_hooks",
+        "do not use torch.utils.checkpoint (or other saved-tensor hooks) inside the "
+        "transformed function",
+    ),
+    ("must override the setup_context staticmethod", "legacy_function", _FUNCTION_FIX),
+    (
+        "but it does not have vmap support",
+        "function_without_vmap",
+        "give the autograd.Function a vmap staticmethod or set generate_vmap_rule = True "
+        "(its forward must then be written with torch operations only)",
+    ),
+    (
+        "must implement the jvp function for custom autograd.Function",
+        "function_without_jvp",
+        "give the autograd.Function a jvp staticmethod for forward-mode AD",
+    ),
+    (
+        "do not support the use of autograd.Function",
+        "autograd_function",
+        "use torch >= 2.0, whose torch.func transforms setup_context-style Functions",
+    ),
+)
+
+
+def classify(exc: BaseException) -> Optional[Refusal]:
+    """A :class:`~adbackends.backend.Refusal` if ``exc`` is a native transform's refusal.
+
+    ``None`` means the error is the function's own (a shape mismatch, a
+    NameError, a bad ``in_dims``): it must be raised, never retried.
+
+    Examples
+    --------
+    >>> from adbackends.backends._native_refusals import classify
+    >>> classify(RuntimeError("vmap: It looks like you're calling .item() on a Tensor."))[0]
+    'item'
+    >>> classify(RuntimeError("The size of tensor a (3) must match the size of tensor b (4)"))
+    """
+    if not isinstance(exc, (RuntimeError, NotImplementedError)):
+        return None
+    try:
+        text = str(exc)
+    except Exception:  # an exception whose str() fails says nothing we can use
+        return None
+    for fragment, kind, fix in _KNOWN:
+        if fragment in text:
+            return Refusal(kind, summarize_exception(exc, limit=300), fix)
+    # The transform machinery's own assertions (for example "unwrapped_count > 0
+    # INTERNAL ASSERT FAILED ... functorch") are failures of the transform, not
+    # of the function; the loop backend does not use that machinery.
+    if "INTERNAL ASSERT FAILED" in text and "functorch" in text:
+        return Refusal(
+            "internal_assert",
+            summarize_exception(exc, limit=300),
+            "nothing in the function: the transform machinery failed an internal check",
+        )
+    return None

@@ -1,0 +1,369 @@
+"""Per-call fallback: a native backend where it can, another backend where it must.
+
+A :class:`ChainBackend` joins a *native* backend (torch.func, functorch) and a
+*fallback* (usually the loop backend). Each transform it builds runs the
+native transform first; when the native backend says, through its
+:meth:`~adbackends.Backend.cannot_transform` hook, that it cannot transform
+*this* function (``.item()``, data-dependent control flow, a ctx-style
+autograd.Function, checkpointing, ...), the same call runs on the fallback.
+An error in the function itself is never retried.
+
+Where it falls back: at the outermost transform of a composed call. Inside a
+running native transform, an inner transform's refusal propagates out and the
+outer call falls back as a whole. Inside a fallback (loop) call the inner
+transforms are outermost again, so ``vmap(jacrev(f))`` over a function with
+``.item()`` loops over the batch while each ``jacrev`` stays native.
+
+The random number generators are restored before the retry, so
+``randomness="same"``/``"different"`` give what the fallback alone gives from
+the same seed.
+
+Remember and say: the first fallback of a function warns once
+(:class:`FallbackWarning`) with the reason and the fix, and logs at INFO;
+later calls of the same function (the same code, also through freshly built
+transform wrappers) go straight to the fallback. :func:`fallbacks` lists
+what fell back and why; :func:`forget_fallbacks` forgets it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import warnings
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+from ._shared import ArgNums, RngState, external_stacklevel
+from .backend import Backend, Refusal
+
+__all__ = ["ChainBackend", "Fallback", "FallbackWarning", "fallbacks", "forget_fallbacks"]
+
+log = logging.getLogger("adbackends")
+
+
+class FallbackWarning(UserWarning):
+    """A call ran on the fallback backend because the native one cannot transform it.
+
+    Filter it like any warning, e.g. ``warnings.simplefilter("ignore",
+    adbackends.FallbackWarning)`` or ``-W ignore::adbackends.FallbackWarning``.
+    """
+
+
+class Fallback(NamedTuple):
+    """One function that fell back, as :func:`fallbacks` lists it.
+
+    Attributes
+    ----------
+    function : str
+        The function's qualified name, with the transforms around it
+        (``"vmap(jacrev(energy))"``).
+    transform : str
+        The outermost transform that fell back.
+    native, fallback : str
+        The backends: the one that could not, and the one that ran it.
+    kind, reason, fix : str
+        From the native backend's :class:`~adbackends.backend.Refusal`.
+    calls : int
+        How many calls have gone to the fallback so far.
+    """
+
+    function: str
+    transform: str
+    native: str
+    fallback: str
+    kind: str
+    reason: str
+    fix: str
+    calls: int
+
+
+class _Record:
+    __slots__ = ("calls", "fallback", "function", "native", "refusal", "transform")
+
+    def __init__(
+        self, function: str, transform: str, native: str, fallback: str, refusal: Refusal
+    ) -> None:
+        self.function = function
+        self.transform = transform
+        self.native = native
+        self.fallback = fallback
+        self.refusal = refusal
+        self.calls = 0
+
+
+class _Depth(threading.local):
+    depth = 0  # native chain transforms running in this thread
+    quiet = 0  # chain fallbacks running in this thread: they have warned already
+
+
+_running = _Depth()  # native chain transforms running in this thread
+_memory: Dict[Tuple[Any, ...], _Record] = {}
+_lock = threading.Lock()
+
+
+def fallbacks() -> List[Fallback]:
+    """Every function that fell back in this process, and why.
+
+    Examples
+    --------
+    >>> import adbackends
+    >>> adbackends.forget_fallbacks()
+    >>> adbackends.fallbacks()
+    []
+    """
+    with _lock:
+        records = list(_memory.values())
+    return [
+        Fallback(r.function, r.transform, r.native, r.fallback, *r.refusal, r.calls)
+        for r in records
+    ]
+
+
+def forget_fallbacks() -> None:
+    """Forget every remembered fallback: the next call of each tries the native backend again.
+
+    The warning is then given again on the next fallback.
+    """
+    with _lock:
+        _memory.clear()
+
+
+# -- identity of a function across freshly built wrappers --------------------------------
+
+
+def _identity(func: Any) -> Any:
+    """What makes two callables "the same function" for remembering a fallback.
+
+    Functions are the same when their code is: ``lambda`` defined on one line
+    and rebuilt in a loop is one function. Transform wrappers built by a chain
+    carry their own key, which includes the function they wrap.
+    """
+    key = getattr(func, "__adbackends_key__", None)
+    if key is not None:
+        return key
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        return code
+    inner = getattr(func, "__func__", None)  # a bound method
+    if inner is not None:
+        return _identity(inner)
+    if isinstance(func, functools.partial):
+        return ("partial", _identity(func.func))
+    try:
+        hash(func)
+    except TypeError:
+        return type(func)
+    return func
+
+
+def _label(func: Any) -> str:
+    label = getattr(func, "__adbackends_label__", None)
+    if label is not None:
+        return str(label)
+    if isinstance(func, functools.partial):
+        return f"partial({_label(func.func)})"
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    return str(name) if name else type(func).__name__
+
+
+# -- the chain ------------------------------------------------------------------------------
+
+
+class ChainBackend(Backend):
+    """A native backend with a per-call fallback, selected as ``"native>fallback"``.
+
+    Examples
+    --------
+    >>> import torch, adbackends
+    >>> chain = adbackends.get("torch.func>loop")  # doctest: +SKIP
+    >>> chain.vmap(lambda v: v * v.sum().item())(torch.ones(2, 3))  # doctest: +SKIP
+    tensor([[3., 3., 3.],
+            [3., 3., 3.]])
+    """
+
+    origin = "chain"
+
+    def __init__(self, native: Backend, fallback: Backend) -> None:
+        self.native_backend = native
+        self.fallback_backend = fallback
+        self.name = f"{native.name}>{fallback.name}"
+
+    @property
+    def version(self) -> str:
+        return f"{self.native_backend.version} > {self.fallback_backend.version}"
+
+    def __repr__(self) -> str:
+        native, fallback = self.native_backend, self.fallback_backend
+        return f"<adbackends chain {self.name!r}: {native!r}, then {fallback!r}>"
+
+    # -- the transforms ---------------------------------------------------------------
+
+    def jacrev(
+        self,
+        func: Callable[..., Any],
+        argnums: ArgNums = 0,
+        *,
+        has_aux: bool = False,
+        chunk_size: Optional[int] = None,
+        _preallocate_and_copy: bool = False,
+    ) -> Callable[..., Any]:
+        def make(backend: Backend) -> Callable[..., Any]:
+            return backend.jacrev(
+                func,
+                argnums,
+                has_aux=has_aux,
+                chunk_size=chunk_size,
+                _preallocate_and_copy=_preallocate_and_copy,
+            )
+
+        return self._chained("jacrev", func, make, True)
+
+    def vmap(
+        self,
+        func: Callable[..., Any],
+        in_dims: Any = 0,
+        out_dims: Any = 0,
+        randomness: str = "error",
+        *,
+        chunk_size: Optional[int] = None,
+    ) -> Callable[..., Any]:
+        def make(backend: Backend) -> Callable[..., Any]:
+            return backend.vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
+
+        # With randomness="error" a native vmap raises at the first random
+        # draw, so nothing can have drawn before a refusal: no RNG snapshot.
+        return self._chained("vmap", func, make, randomness != "error")
+
+    def fjacrev(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        """The native backend's: ``fjacrev`` never falls back."""
+        return self.native_backend.fjacrev(*args, **kwargs)
+
+    def fvmap(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        """The native backend's: ``fvmap`` never falls back."""
+        return self.native_backend.fvmap(*args, **kwargs)
+
+    def native(self) -> Backend:
+        return self.native_backend.native()
+
+    def cannot_transform(self, exc: BaseException) -> Optional[Refusal]:
+        # As the fallback of another chain, this chain has already tried its
+        # own fallback; what reaches the outer chain is the last word.
+        return self.fallback_backend.cannot_transform(exc)
+
+    # -- the mechanism ------------------------------------------------------------------
+
+    def _chained(
+        self,
+        transform: str,
+        func: Callable[..., Any],
+        make: Callable[[Backend], Callable[..., Any]],
+        snapshot_rng: bool,
+    ) -> Callable[..., Any]:
+        native, fallback = self.native_backend, self.fallback_backend
+        try:
+            native_t = make(native)
+        except Exception as exc:
+            # The native backend cannot even build this transform (an argument
+            # an old functorch lacks): the whole transform is the fallback's.
+            refusal = native.cannot_transform(exc)
+            if refusal is None:
+                raise
+            log.info(
+                "%s cannot build %s: %s; using %s",
+                native.name,
+                transform,
+                refusal.reason,
+                fallback.name,
+            )
+            return make(fallback)
+        key = (native.name, fallback.name, transform, _identity(func))
+        label = f"{transform}({_label(func)})"
+        fallback_t: List[Callable[..., Any]] = []
+        memory = _memory
+        running = _running
+
+        def run_fallback(*args: Any, **kwargs: Any) -> Any:
+            if not fallback_t:
+                fallback_t.append(make(fallback))
+            # Inner transforms that fall back in here are remembered, but the
+            # user has been told about this function once already.
+            running.quiet += 1
+            try:
+                return fallback_t[0](*args, **kwargs)
+            finally:
+                running.quiet -= 1
+
+        @functools.wraps(native_t)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if running.depth:  # inside a native transform: its outer call decides
+                return native_t(*args, **kwargs)
+            record = memory.get(key)
+            if record is not None:
+                record.calls += 1
+                return run_fallback(*args, **kwargs)
+            rng = RngState() if snapshot_rng else None
+            running.depth = 1
+            try:
+                return native_t(*args, **kwargs)
+            except Exception as exc:
+                refusal = native.cannot_transform(exc)
+                if refusal is None:
+                    raise
+                error = exc
+            finally:
+                running.depth = 0
+            if rng is not None:
+                rng.restore()
+            _remember(key, label, transform, native.name, fallback.name, refusal, func)
+            try:
+                return run_fallback(*args, **kwargs)
+            except Exception as second:
+                _attach(second, error, native.name)
+                raise
+
+        call.__adbackends_key__ = key  # type: ignore[attr-defined]
+        call.__adbackends_label__ = label  # type: ignore[attr-defined]
+        return call
+
+
+def _remember(
+    key: Tuple[Any, ...],
+    label: str,
+    transform: str,
+    native: str,
+    fallback: str,
+    refusal: Refusal,
+    func: Any,
+) -> None:
+    from .probes import probing
+
+    if probing():  # a probe's own functions are not the user's
+        return
+    quiet = _running.quiet > 0
+    with _lock:
+        record = _memory.get(key)
+        first = record is None
+        if first:
+            record = _memory[key] = _Record(label, transform, native, fallback, refusal)
+        record.calls += 1  # type: ignore[union-attr]
+    if not first:
+        return
+    text = (
+        f"{native} cannot {transform} {_label(func)} ({refusal.reason.rstrip('.')}). This "
+        f"call and later "
+        f"calls of it run on the {fallback} backend instead (adbackends.fallbacks() lists "
+        f"them). To let {native} transform it: {refusal.fix}."
+    )
+    log.info("%s", text)
+    if not quiet:
+        warnings.warn(text, FallbackWarning, stacklevel=external_stacklevel())
+
+
+def _attach(second: BaseException, first: BaseException, native: str) -> None:
+    """Keep the native backend's error with the fallback's, where a reader looks."""
+    second.adbackends_native_error = first  # type: ignore[attr-defined]
+    if second.__cause__ is None:
+        second.__cause__ = first
+    note = getattr(second, "add_note", None)
+    if note is not None:
+        note(f"(the {native} backend could not transform it first: {first})")
