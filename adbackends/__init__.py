@@ -126,11 +126,15 @@ def unregister(name: str) -> None:
 
 
 def refresh() -> None:
-    """Rescan installed plugins and forget every cached choice.
+    """Rescan installed plugins, forget every cached choice, and delete the
+    probe results stored on disk (see "Probe results on disk").
 
     Call it after installing or removing a plugin while the program runs.
-    Probe results of loaded backends are kept.
+    Probe results of loaded backends are kept in memory.
     """
+    from ._probe_cache import clear_probe_cache
+
+    clear_probe_cache(forget_loaded=False)
     _REGISTRY.refresh()
 
 

@@ -32,7 +32,7 @@ _native_resolver: Optional[Callable[[Backend], Backend]] = None
 class Refusal(NamedTuple):
     """A backend's word that it cannot transform a function (not that the function is wrong).
 
-    Returned by :meth:`Backend.cannot_transform`; a fallback chain then runs
+    Returned by :meth:`~adbackends.Backend.cannot_transform`; a fallback chain then runs
     the call on its fallback backend and tells the user ``reason`` and ``fix``.
 
     Attributes
@@ -220,7 +220,7 @@ class Backend:
 
     def cannot_transform(self, exc: BaseException) -> Optional[Refusal]:
         """Whether ``exc``, raised by one of this backend's transforms, means it
-        cannot transform the function (a :class:`Refusal`), rather than an
+        cannot transform the function (a :class:`~adbackends.backend.Refusal`), rather than an
         error in the function itself (``None``).
 
         A fallback chain (``use("torch.func", fallback="loop")``) retries a

@@ -22,6 +22,7 @@ def report() -> Dict[str, Any]:
     import torch
 
     from . import __version__
+    from ._probe_cache import cache_file, probe_origin
     from .errors import BackendError
     from .probes import PROBES
     from .registry import REGISTRY
@@ -53,6 +54,7 @@ def report() -> Dict[str, Any]:
                 reason=None,
                 hint=None,
                 version=backend.version,
+                probes=probe_origin(backend),  # "cache", "run" or None
                 capabilities={cap: {"ok": s.ok, "reason": s.reason} for cap, s in caps.items()},
             )
         backends.append(item)
@@ -92,6 +94,7 @@ def report() -> Dict[str, Any]:
         "active": active,
         "native": native,
         "problems": REGISTRY.problems(),
+        "probe_cache": cache_file(),  # None when ADBACKENDS_NO_CACHE is set
     }
 
 
@@ -101,6 +104,7 @@ def _format(data: Dict[str, Any]) -> str:
     lines = [
         f"adbackends {data['adbackends']}  (Python {data['python']}, torch {data['torch']})",
         f"TAD_AD_BACKEND: {env_value!r}" if env_value is not None else "TAD_AD_BACKEND: not set",
+        f"Probe cache: {data['probe_cache'] or 'off'}",
         "",
         "Backends (automatic order):",
     ]
@@ -111,7 +115,8 @@ def _format(data: Dict[str, Any]) -> str:
             if item["distribution_version"]:
                 origin += f" {item['distribution_version']}"
         if item["status"] == "ok":
-            lines.append(f"  {item['name']}  [{origin}]  version {item['version']}: ok")
+            src = "  (probe results from cache)" if item.get("probes") == "cache" else ""
+            lines.append(f"  {item['name']}  [{origin}]  version {item['version']}: ok{src}")
             for cap, res in item["capabilities"].items():
                 mark = ok if res["ok"] else no
                 why = "" if res["ok"] else f"  ({res['reason']})"
@@ -141,7 +146,14 @@ def _format(data: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_CLEAR_HELP = "delete the probe results stored on disk first, so every probe runs again"
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
+    if args.clear_cache:
+        from ._probe_cache import clear_probe_cache
+
+        clear_probe_cache()
     data = report()
     if args.json:
         print(json.dumps(data, indent=2))
@@ -156,10 +168,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Report the autodiff backends available here and which one is active.",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--clear-cache", action="store_true", help=_CLEAR_HELP)
     parser.set_defaults(func=_cmd_report)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     rep = sub.add_parser("report", help="the backend report (the default command)")
     rep.add_argument("--json", action="store_true", help="print the report as JSON")
+    rep.add_argument("--clear-cache", action="store_true", help=_CLEAR_HELP)
     rep.set_defaults(func=_cmd_report)
 
     check = sub.add_parser("check", help="run the conformance kit against a backend")

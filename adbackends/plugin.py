@@ -41,13 +41,14 @@ from ._shared import (
     summarize_exception,
 )
 from .backend import CONTRACT_VERSION, Backend
-from .probes import PROBES, Support, describe
+from .probes import PROBES, PROBES_VERSION, Support, describe
 from .registry import ENTRY_POINT_GROUP, REGISTRY, Registry
 
 __all__ = [
     "CONTRACT_VERSION",
     "ENTRY_POINT_GROUP",
     "PROBES",
+    "PROBES_VERSION",
     "REGISTRY",
     "ArgNums",
     "Backend",

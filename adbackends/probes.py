@@ -24,7 +24,19 @@ from .errors import CapabilityError
 if TYPE_CHECKING:
     from .backend import Backend
 
-__all__ = ["PROBES", "Support", "cached_support", "describe", "probing", "run_probe"]
+__all__ = [
+    "PROBES",
+    "PROBES_VERSION",
+    "Support",
+    "cached_support",
+    "describe",
+    "probing",
+    "run_probe",
+]
+
+#: The version of the probe set. Bump it whenever a probe changes what it
+#: checks: answers stored on disk under another version are not reused.
+PROBES_VERSION = 1
 
 
 class Support(NamedTuple):
@@ -81,10 +93,19 @@ def run_probe(backend: Backend, capability: str) -> Support:
     if capability not in PROBES:
         valid = ", ".join(repr(c) for c in PROBES)
         raise ValueError(f"unknown capability {capability!r}; valid capabilities: {valid}")
+    from . import _probe_cache
+
+    # Outside the lock: identifying a plugin asks the registry, which has its own.
+    stored = _probe_cache.recall(backend, capability, PROBES_VERSION)
     with _LOCK:
         cache = backend.__dict__.setdefault(_CACHE_ATTR, {})
         if capability not in cache:
-            cache[capability] = _run_uncached(backend, capability)
+            if stored is None:
+                support = _run_uncached(backend, capability)
+                _probe_cache.remember(backend, support, PROBES_VERSION)
+            else:
+                support = Support(capability, *stored)
+            cache[capability] = support
         return cache[capability]
 
 

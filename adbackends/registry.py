@@ -120,7 +120,7 @@ class Registry:
     # -- names ----------------------------------------------------------------
 
     def names(self) -> List[str]:
-        """Every known backend name: built-ins (in auto order), then the rest sorted."""
+        """Every known backend name: built-ins first, then the rest sorted."""
         with self._lock:
             plugins = self._scan()
             extra = set(self._registered) | set(plugins) | set(self._conflicts)
@@ -233,7 +233,7 @@ class Registry:
             return None
 
     def available(self) -> List[str]:
-        """The names of the backends that load here, in automatic-selection order."""
+        """The names of the backends that load here, in listing order (see :meth:`names`)."""
         return [name for name in self.names() if self.failure(name) is None]
 
     def _instantiate(self, entry: Entry) -> Backend:

@@ -405,8 +405,24 @@ def _chain(names: Tuple[str, ...], source: str = "") -> Backend:
     return chain
 
 
+# os.environ.get() of an unset variable raises and catches a KeyError inside
+# (0.5 us, measured: 1.5 % of a 35 us vmap, on every transform). CPython's
+# os.environ keeps its values in a dict, updated by every assignment through
+# os.environ; read it directly where it exists (15 ns), the public way elsewhere.
+_ENV_DATA: Optional[Dict[Any, Any]] = getattr(os.environ, "_data", None)
+_ENV_KEY: Any = None
+if _ENV_DATA is not None:
+    try:
+        _ENV_KEY = os.environ.encodekey(ENV_VAR)  # type: ignore[attr-defined]
+    except AttributeError:  # not CPython's os.environ
+        _ENV_DATA = None
+
+
 def _env_value() -> str:
     """The raw value of TAD_AD_BACKEND, or ``""`` when it is unset."""
+    if _ENV_DATA is not None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        return "" if raw is None else os.environ.decodevalue(raw)  # type: ignore[attr-defined]
     return os.environ.get(ENV_VAR, "")
 
 

@@ -1,71 +1,108 @@
-"""The benchmark command runs and reports every backend; no timing is asserted."""
+"""The short benchmark (``adbackends bench``) and the suite in benchmarks/; no timing asserted."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
+import re
 import subprocess
 import sys
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List
 
 import pytest
+import torch
 
 import adbackends
 from adbackends import bench
 from adbackends.cli import main
-from adbackends.registry import AUTO_ORDER
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "run.py"
+SENTENCE = re.compile(r"^auto uses \S+ here.*; .+\.$")
+BUILT_IN = ("torch.func", "functorch", "loop")
 
 
-@pytest.fixture
-def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(bench.TINY_ENV, "1")
+@pytest.fixture(scope="module")
+def tiny() -> Dict[str, Any]:
+    return bench.run(tiny=True)
 
 
-def _check_quick(data: dict) -> None:
+def test_the_short_run_times_every_backend_on_every_workload(tiny: Dict[str, Any]) -> None:
     names = adbackends.available()
-    assert set(data) >= {"machine", "sizes", "rows", "fastest"}
-    assert data["machine"]["torch"]
-    assert [(r["transform"], r["size"]) for r in data["rows"]] == [
-        ("jacrev", data["sizes"]["small"]),
-        ("jacrev", data["sizes"]["large"]),
-        ("vmap", data["sizes"]["small"]),
-        ("vmap", data["sizes"]["large"]),
+    assert set(tiny) == {"machine", "selection", "rows", "summary"}
+    assert [(r["workload"], r["size"]) for r in tiny["rows"]] == [
+        (w, s) for w in ("jacrev", "vmap", "forces") for s in (2, 4)
     ]
-    for row in data["rows"]:
+    for row in tiny["rows"]:
         assert row["backends"] == names
-        # a plugin may be unable to run a problem; a built-in may not
-        assert not set(row["errors"]) & set(AUTO_ORDER), row["errors"]
-        ran = [name for name in names if name not in row["errors"]]
+        # a plugin may be unable to run a workload; a built-in may not
+        assert not set(row["errors"]) & set(BUILT_IN), row["errors"]
+        ran = [n for n in names if n not in row["errors"]]
         for key in ("seconds", "relative", "max_abs_diff"):
             assert list(row[key]) == ran, key
-        assert row["fastest"] in names
-        assert row["fastest"] not in row["inexact"]
+        assert row["fastest"] in ran and row["fastest"] not in row["inexact"]
         assert row["relative"][row["fastest"]] == 1.0
         assert all(t > 0 for t in row["seconds"].values())
-    assert set(data["fastest"]) == {"jacrev", "vmap"}
-    for kinds in data["fastest"].values():
-        assert set(kinds) == {"small", "large"} and set(kinds.values()) <= set(names)
+        assert not set(row["inexact"]) & set(BUILT_IN)
 
 
-def test_bench_json_lists_every_backend(tiny: None, capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench", "--json"]) == 0
-    _check_quick(json.loads(capsys.readouterr().out))
-
-
-def test_bench_table_names_every_backend(tiny: None, capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench"]) == 0
-    out = capsys.readouterr().out
-    header = next(line for line in out.splitlines() if line.startswith("transform"))
+def test_the_table_ends_with_one_sentence(tiny: Dict[str, Any]) -> None:
+    text = bench.format_table(tiny)
+    header = next(line for line in text.splitlines() if line.startswith("workload"))
     assert header.split()[2:] == adbackends.available()
-    assert "fastest jacrev: small problems" in out
-    assert "fastest vmap: small problems" in out
+    last = text.splitlines()[-1]
+    assert last == tiny["summary"]
+    assert SENTENCE.match(last), last
+    assert "target" not in text.lower() and "P1" not in text
 
 
-def test_exact_backends_agree_with_the_first(tiny: None, capsys: pytest.CaptureFixture) -> None:
-    main(["bench", "--json"])
-    for row in json.loads(capsys.readouterr().out)["rows"]:
-        for name in ("torch.func", "functorch", "loop"):
-            if name in row["max_abs_diff"]:
-                assert name not in row["inexact"]
+def test_the_command_line(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--tiny"]) == 0
+    assert SENTENCE.match(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["bench", "--tiny", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert SENTENCE.match(data["summary"]) and len(data["rows"]) == 6
+
+
+def _data(times: Dict[str, List[float]], auto: str = "torch.func") -> Dict[str, Any]:
+    """Rows for a made-up run: per backend, one time per row."""
+    names = list(times)
+    rows = []
+    for i, size in enumerate((8, 256)):
+        secs = {n: t[i] for n, t in times.items()}
+        best = min(secs, key=secs.__getitem__)
+        rows.append(
+            {
+                "workload": "vmap",
+                "size": size,
+                "backends": names,
+                "seconds": secs,
+                "relative": {n: s / secs[best] for n, s in secs.items()},
+                "fastest": best,
+                "inexact": [],
+                "errors": {},
+            }
+        )
+    return {"rows": rows, "selection": {"auto": auto, "active": auto, "source": "auto"}}
+
+
+def test_summary_names_the_fastest_and_the_gap() -> None:
+    times = {"torch.func": [1.0, 1.0], "functorch": [1.1, 1.0], "loop": [2.0, 8.3]}
+    assert bench.summary(_data(times)) == (
+        "auto uses torch.func here; for these workloads torch.func is fastest; "
+        "loop is 8.3x slower for vmap at batch 256."
+    )
+    # auto's choice is not the fastest: the gap is auto's
+    assert bench.summary(_data(times, auto="loop")).endswith(
+        "torch.func is fastest; loop is 8.3x slower for vmap at batch 256."
+    )
+    # a fallback chain runs its first backend
+    assert bench.summary(_data(times, auto="torch.func>loop")).startswith(
+        "auto uses torch.func here (falling back to loop); for these workloads torch.func"
+    )
+    assert "too few backends" in bench.summary(_data({"loop": [1.0, 1.0]}, auto="loop"))
 
 
 def test_a_failing_backend_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,10 +112,25 @@ def test_a_failing_backend_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch
         raise RuntimeError("cannot")
 
     monkeypatch.setattr(loop, "vmap", broken)
-    rows = bench.grid([], [2], repeats=1, min_time=0.0)
-    assert rows[0]["errors"] == {"loop": "RuntimeError: cannot"}
-    assert "loop" not in rows[0]["seconds"] and rows[0]["fastest"] != "loop"
-    assert "loop failed at vmap 2: RuntimeError: cannot" in bench._format_grid(rows, {})
+    row = bench.time_backends("vmap", 2, repeats=1, min_time=0.0)
+    assert row["errors"] == {"loop": "RuntimeError: cannot"}
+    assert "loop" not in row["seconds"] and row["fastest"] != "loop"
+
+
+def test_forces_and_hessians_agree_across_backends() -> None:
+    xs = bench.geometries(3)
+    ref = -torch.stack([torch.func.grad(bench.lennard_jones)(x) for x in xs])
+    for name in [n for n in BUILT_IN if n in adbackends.available()]:
+        backend = adbackends.get(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # functorch's deprecation notice
+            forces = bench.workload("forces", 3)(backend)()
+            hessians = bench.workload("hessians", 3)(backend)()
+        assert forces.shape == (3, 8, 3) and hessians.shape == (3, 8, 3, 8, 3)
+        torch.testing.assert_close(-forces, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(hessians, hessians.transpose(1, 3).transpose(2, 4))
+    with pytest.raises(ValueError, match="unknown workload"):
+        bench.workload("nope", 1)
 
 
 def test_compare_interleaves_and_returns_every_repeat() -> None:
@@ -92,59 +144,77 @@ def test_compare_interleaves_and_returns_every_repeat() -> None:
     assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
     # calibration calls each once, then the repeats: A B, B A, B A, A B
     assert "".join(calls) == "ab" + "ab" + "ba" + "ba" + "ab"
-
-
-def test_median_ratio() -> None:
     assert bench.median_ratio([1.0, 2.0, 9.0], [1.0, 1.0, 1.0]) == 2.0
 
 
-def test_a_part_that_cannot_run_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken() -> None:
-        raise RuntimeError("no torch.func here")
-
-    monkeypatch.setattr(bench, "p3_loop_vmap", broken)
-    data = bench.full(["P3"])
-    assert data["P3"] == {"error": "RuntimeError: no torch.func here"}
-    assert "P3 could not run here: RuntimeError: no torch.func here" in bench._format_full(data)
+def test_the_library_parses_no_command_line_and_stays_out_of_import() -> None:
+    assert "argparse" not in Path(bench.__file__).read_text(encoding="utf-8")
+    code = "import sys, adbackends; print('adbackends.bench' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
-def test_suite_parts_check_their_results() -> None:
-    if "torch.func" not in adbackends.available():
-        pytest.skip("P1 and S compare with torch.func (torch >= 2.0)")
-    p1 = bench.p1_dispatch(repeats=1, min_time=0.0)
-    assert [r["transform"] for r in p1] == ["jacrev", "vmap"]
-    p2 = bench.p2_loop_jacrev(sizes=(3,), repeats=1, min_time=0.0)
-    assert p2[0]["max_abs_diff"] < 1e-12
-    p3 = bench.p3_loop_vmap(sizes=(3,), repeats=1, min_time=0.0)
-    assert p3[0]["equal"]
-    strategy = bench.strategy(sizes=(3,), repeats=1, min_time=0.0)
-    assert [r["kind"] for r in strategy] == ["elementwise", "dense"]
-    assert all(r["max_abs_diff"] < 1e-12 for r in strategy)
-    text = bench._format_full({"machine": bench._machine(), "P1": p1, "P2": p2, "P3": p3})
-    assert "P1 dispatch overhead" in text and "P3 loop vmap" in text
+# -- the suite in benchmarks/ ---------------------------------------------------------------
+
+
+def _suite(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_the_suite_runs_quick_and_writes_its_tables(tmp_path: Path) -> None:
+    proc = _suite(tmp_path)
+    assert "P2 loop jacrev (target" in proc.stdout  # the suite prints its targets
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert list(data["parts"]) == ["P1", "P2", "P3", "P5", "S"]
+    for part, result in data["parts"].items():
+        assert "error" not in result, (part, result)
+    workloads = {r["workload"] for r in data["parts"]["P5"]}
+    assert workloads == {"jacrev", "vmap", "forces", "hessians"}
+    tables = (tmp_path / "performance_tables.rst").read_text()
+    for title in ("P2 loop jacrev", "P5 forces", "P5 hessians", "S size-aware strategy"):
+        assert f".. list-table:: {title}" in tables
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = (tmp_path / "performance_grid.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and ".. figure:: /_static/performance_grid.png" in tables
+
+
+def test_the_suite_keeps_the_parts_it_did_not_run(tmp_path: Path) -> None:
+    _suite(tmp_path, "--parts", "P3")
+    _suite(tmp_path, "--parts", "P2")
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert list(data["parts"]) == list(data["runs"]) == ["P2", "P3"]
+
+
+def test_the_suite_rewrites_only_the_marked_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("benchmarks_run", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    page = tmp_path / "page.rst"
+    page.write_text(f"Title\n=====\n\n{run.START}\nold\n{run.END}\nafter\n")
+    run.write_page(page, "new\n")
+    assert page.read_text() == f"Title\n=====\n\n{run.START}\n\nnew\n\n{run.END}\nafter\n"
+    page.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="missing"):
+        run.write_page(page, "new\n")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_memory_measurement_runs_in_a_fresh_process() -> None:
-    rows = bench.p6_memory(m=16, n=4, chunks=(None, 4), names=("loop",))
-    assert [r["chunk_size"] for r in rows] == [None, 4]
-    for row in rows:
-        assert "error" not in row, row.get("error")
-        assert row["result_mib"] == 16 * 4 * 8 / 2**20
-        assert row["peak_mib"] >= 0
-
-
-@pytest.mark.slow
-def test_module_entry_point_runs() -> None:
-    env = dict(os.environ, **{bench.TINY_ENV: "1"})
-    env.pop("TAD_AD_BACKEND", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "adbackends.bench", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    _check_quick(json.loads(proc.stdout))
+def test_the_suite_starts_fresh_interpreters(tmp_path: Path) -> None:
+    _suite(tmp_path, "--parts", "P4,P6")
+    parts = json.loads((tmp_path / "results.json").read_text())["parts"]
+    assert parts["P4"]["ratio"] > 0 and parts["P4"]["own_cost_ms"] > 0
+    for row in parts["P6"]:
+        assert "error" not in row, row
+        assert row["result_mib"] == 16 * 4 * 8 / 2**20 and row["peak_mib"] >= 0

@@ -81,7 +81,9 @@ def test_plugin_distribution_is_found_selected_by_name_and_passes_the_kit(
         assert [r for r in report.results if r.name.startswith("claim:")] or not getattr(
             backend, "claims", ()
         )
-    assert adbackends.current().name == auto and auto.split(">")[0] in AUTO_ORDER  # installing never changes auto
+    assert (
+        adbackends.current().name == auto and auto.split(">")[0] in AUTO_ORDER
+    )  # installing never changes auto
     assert not [p for p in REGISTRY.problems() if dist in p]
 
 

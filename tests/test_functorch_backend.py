@@ -19,7 +19,6 @@ from torch.utils._pytree import tree_flatten
 
 import adbackends
 from adbackends.backends import _functorch_chunks as chunks
-from adbackends.backends import functorch as ft_backend
 from adbackends.registry import REGISTRY
 
 TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -97,9 +96,7 @@ def test_emulated_jacrev_matches_functorch(ft, chunk_size, argnums):
     """The emulation itself, against functorch's unchunked jacrev on this torch."""
     x = torch.randn(4, dtype=torch.float64)
     y = torch.randn(2, dtype=torch.float64)
-    emulated = chunks.chunked_jacrev(
-        ft._vjp, ft._vmap, _two_outputs, argnums, False, chunk_size
-    )
+    emulated = chunks.chunked_jacrev(ft._vjp, ft._vmap, _two_outputs, argnums, False, chunk_size)
     _same(emulated(x, y), ft._jacrev(_two_outputs, argnums)(x, y), exact=False)
 
 

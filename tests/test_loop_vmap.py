@@ -299,3 +299,43 @@ def test_vmap_over_grad_matches(loop, reference):
         )
 
     assert_same(run(loop), run(reference))
+
+
+# -- one tensor in: the path without pytrees -------------------------------------
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize(
+    "f, in_dims, out_dims",
+    [
+        (lambda t: t.sin().sum(), 0, 0),
+        (lambda t: torch.outer(t, t), -1, 1),
+        (lambda t: (t.sum(), t * 2), 0, 0),
+        (lambda t: {"a": t.cos()}, 1, -1),
+        (lambda t: t[0], 0, 0),
+    ],
+)
+def test_single_tensor_matches_torch_func(loop, reference, f, in_dims, out_dims, requires_grad):
+    for batch in (1, 2, 5):
+        x = _x(batch, 3, requires_grad=requires_grad)
+        if in_dims in (1, -1):
+            x = _x(3, batch, requires_grad=requires_grad)
+        assert_same(loop.vmap(f, in_dims, out_dims)(x), reference.vmap(f, in_dims, out_dims)(x))
+
+
+def test_single_tensor_randomness_error_restores_generator(loop):
+    state = torch.random.get_rng_state()
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        loop.vmap(lambda t: t + torch.rand(()))(torch.zeros(4))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not hasattr(torch.autograd.grad, "__adbackends_original__")
+
+
+def test_backward_through_unbound_samples(loop):
+    # Samples of an argument that does not require grad feed a function that
+    # closes over one that does: gradients reach the closed-over tensor.
+    w = _x(3, requires_grad=True)
+    x = _x(6, 3)
+    out = loop.vmap(lambda t: (t * w).sum())(x)
+    (dw,) = torch.autograd.grad(out.sum(), w)
+    assert torch.allclose(dw, x.sum(0))

@@ -14,6 +14,8 @@ from adbackends import cli, selection
 from adbackends.plugin import PROBES
 from adbackends.registry import REGISTRY
 
+from .conftest import env_without_backend
+
 
 def _cli(*args: str, env_value=None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
@@ -94,3 +96,32 @@ def test_bad_env_is_reported_not_a_traceback():
     assert "Traceback" not in proc.stderr
     # Every backend is still listed.
     assert [b["name"] for b in data["backends"]][:3] == list(selection.AUTO_ORDER)
+
+
+def test_report_says_where_probe_answers_come_from(tmp_path):
+    env = env_without_backend()
+    env.pop("ADBACKENDS_NO_CACHE", None)
+    env["ADBACKENDS_CACHE_DIR"] = str(tmp_path)
+    runs = []
+    for args in ([], [], ["--clear-cache"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "adbackends", "--json", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        runs.append(json.loads(out.stdout))
+    assert runs[0]["probe_cache"] == str(tmp_path / "probes-v1.json")
+    origins = [
+        {b["name"]: b.get("probes") for b in r["backends"] if b["status"] == "ok"} for r in runs
+    ]
+    assert origins[0]["loop"] == "run"
+    assert origins[1]["loop"] == "cache"  # the second process reads the first one's answers
+    assert origins[2]["loop"] == "run"  # --clear-cache deleted them first
+    env["ADBACKENDS_NO_CACHE"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-m", "adbackends"], env=env, capture_output=True, text=True
+    )
+    assert "Probe cache: off" in out.stdout

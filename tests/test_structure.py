@@ -107,7 +107,7 @@ def test_the_import_graph_has_no_cycle() -> None:
             if nxt == "adbackends":  # the package facade imports everything by design
                 continue
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt) :] + [nxt]
+                cycle = [*path[path.index(nxt) :], nxt]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -322,7 +322,7 @@ def test_require_changes_what_auto_picks() -> None:
     choice = adbackends.explain()
     assert choice.backend.supports("legacy_function")
     assert "legacy_function" in choice.reason
-    for name, why in choice.rejected:
+    for _, why in choice.rejected:
         assert "legacy_function" in why or "does not load" in why or "custom_function" in why
     adbackends.require("custom_function", replace=True)
     assert adbackends.current().name == before
@@ -338,7 +338,7 @@ def test_require_applies_to_env_lists_not_to_single_names(monkeypatch) -> None:
 
 
 def test_require_refuses_unknown_capabilities_and_changes_nothing() -> None:
-    with pytest.raises(ValueError, match="unknown capability 'telepathy'.*legacy_function"):
+    with pytest.raises(ValueError, match=r"unknown capability 'telepathy'.*legacy_function"):
         adbackends.require("legacy_function", "telepathy")
     assert adbackends.require() == ("custom_function",)
 

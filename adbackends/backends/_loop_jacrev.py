@@ -27,7 +27,6 @@ from .._shared import ArgNums, normalize_argnums
 __all__ = ["jacrev"]
 
 
-
 # -- pytrees, with a shortcut for the common case of a lone tensor -------------
 
 _LEAF = object()
@@ -101,12 +100,37 @@ def _check_outputs(leaves: Sequence[Any]) -> None:
 # -- fresh tensors and the question "does an outer level need this graph?" -----
 
 
-def _fresh(value: Any, attach: bool) -> Any:
+class _Level:
+    """One running ``jacrev`` call; its fresh leaves point at it.
+
+    Once the call has returned, its leaves are private leftovers: graphs that
+    a later level kept through them (``create_graph``) cannot be
+    differentiated from outside, so they no longer count as "requires grad".
+    """
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = True
+
+
+_LEVEL_ATTR = "_adbackends_level"
+
+
+def _retired(leaf: Any) -> bool:
+    """Whether ``leaf`` is a fresh leaf of a ``jacrev`` call that has returned."""
+    level = getattr(leaf, _LEVEL_ATTR, None)
+    return level is not None and not level.active
+
+
+def _fresh(value: Any, attach: bool, level: _Level) -> Any:
     """This level's own differentiable handle on the argument ``value``.
 
     With ``attach`` and a ``value`` that already requires grad, a new view: it
     stays attached to the outer graph, yet is a node of its own, so this
-    level differentiates only its own uses. Otherwise a new detached leaf.
+    level differentiates only its own uses. Otherwise a new detached leaf,
+    tagged with ``level`` (the tag keeps the leaf's Python object, and so the
+    tag, alive for as long as a graph holds the leaf).
     """
     import torch
 
@@ -118,7 +142,9 @@ def _fresh(value: Any, attach: bool) -> Any:
         # Made under inference_mode: autograd cannot record it, a copy it can.
         value = value.clone()
     # requires_grad_ raises torch's own error for integer and bool tensors.
-    return value.detach().requires_grad_(True)
+    leaf = value.detach().requires_grad_(True)
+    setattr(leaf, _LEVEL_ATTR, level)
+    return leaf
 
 
 class _OuterGraph:
@@ -126,9 +152,10 @@ class _OuterGraph:
 
     Walks the autograd graph from a tensor towards its leaves. Reaching one of
     this level's own views (an argument that was attached to an outer graph)
-    or a leaf that is not one of this level's fresh leaves means an outer
-    level needs the result to be differentiable. The walk stops at the first
-    such node; nodes found to lead nowhere outer are remembered.
+    or a leaf that is neither one of this level's fresh leaves nor a leftover
+    of a level that has returned means an outer level needs the result to be
+    differentiable. The walk stops at the first such node; nodes found to
+    lead nowhere outer are remembered.
     """
 
     def __init__(self, own: Sequence[Any]) -> None:
@@ -152,7 +179,7 @@ class _OuterGraph:
             return False
         root = tensor.grad_fn
         if root is None:
-            return id(tensor) not in self._own_leaves
+            return id(tensor) not in self._own_leaves and not _retired(tensor)
         own_nodes, own_leaves, clean = self._own_nodes, self._own_leaves, self._clean
         stack = [root]
         # id -> node: holding the node keeps its id from being reused.
@@ -171,7 +198,7 @@ class _OuterGraph:
                 continue
             # A leaf's AccumulateGrad node: is the leaf ours?
             variable = getattr(node, "variable", None)
-            if variable is not None and id(variable) not in own_leaves:
+            if variable is not None and id(variable) not in own_leaves and not _retired(variable):
                 return True
         clean.update(seen)
         self._keep.extend(seen.values())
@@ -434,14 +461,33 @@ def _jacobian(
     if not torch.is_grad_enabled():
         with torch.enable_grad():
             return _jacobian(func, args, argnums, has_aux, chunk_size, outer_grad)
-    grad = _original_grad()
+    level = _Level()
+    try:
+        return _differentiate(func, args, nums, argnums, has_aux, chunk_size, outer_grad, level)
+    finally:
+        level.active = False
 
+
+def _differentiate(
+    func: Callable[..., Any],
+    args: Tuple[Any, ...],
+    nums: Tuple[int, ...],
+    argnums: ArgNums,
+    has_aux: bool,
+    chunk_size: Optional[int],
+    outer_grad: bool,
+    level: _Level,
+) -> Any:
+    """The body of :func:`_jacobian`, with grad mode on and this call's ``level``."""
+    import torch
+
+    grad = _original_grad()
     primals = list(args)
     in_specs = []
     own: List[Any] = []
     for num in nums:
         leaves, spec = flatten(args[num])
-        fresh = [_fresh(leaf, outer_grad) for leaf in leaves]
+        fresh = [_fresh(leaf, outer_grad, level) for leaf in leaves]
         primals[num] = unflatten(fresh, spec)
         in_specs.append((spec, len(own), len(fresh)))
         own.extend(fresh)

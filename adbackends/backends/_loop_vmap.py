@@ -3,12 +3,18 @@
 Inputs are checked exactly as torch.func checks them (same exception types,
 messages that start the same way), sliced along their ``in_dims``, passed to
 the function one sample at a time, and the per-sample outputs are stacked
-along ``out_dims``.
+along ``out_dims``. Tensors in and out take a path without pytrees: each
+argument is sliced once for the whole batch, the outputs are stacked once,
+so a map costs what a hand-written loop over ``unbind`` costs.
+
+An output whose ``out_dims`` entry is ``None`` must not depend on the batch.
+Only then, a torch function mode follows which tensors were computed from
+the per-sample arguments, which is what makes torch.func's outputs batched.
 
 Two things a loop must do that a vectorising vmap gets for free:
 
 * Randomness. ``"error"`` compares the random number generators' states
-  around each sample and raises if the function drew from them;
+  before and after the batch and raises if the function drew from them;
   ``"same"`` rewinds them before each sample, so every sample sees the draw
   a single call would see; ``"different"`` lets the samples draw in turn.
 * Graphs freed by ``torch.autograd.grad``. A function that calls
@@ -22,10 +28,25 @@ Two things a loop must do that a vectorising vmap gets for free:
 from __future__ import annotations
 
 import functools
+import sys
 import threading
-from typing import Any, Callable, List, Optional, Tuple, cast
+from ctypes import string_at
+from itertools import islice, repeat
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    cast,
+)
 
 from .._shared import RngState
+from ._loop_jacrev import check_chunk_size_type
 
 __all__ = ["vmap"]
 
@@ -65,28 +86,35 @@ def _make_retaining_grad(original: Callable[..., Any]) -> Callable[..., Any]:
     return grad
 
 
+# (original, wrapper): the wrapper is made once per original, since
+# functools.wraps costs more than a small sample does.
+_WRAPPER: List[Any] = [None, None]
+
+
 def _install() -> None:
     global _PATCH_USERS
-    import torch
+    autograd: Any = sys.modules["torch.autograd"]
 
     with _PATCH_LOCK:
         if _PATCH_USERS == 0:
-            current = torch.autograd.grad
+            current = autograd.grad
             if not hasattr(current, "__adbackends_original__"):
-                torch.autograd.grad = _make_retaining_grad(current)
+                if _WRAPPER[0] is not current:
+                    _WRAPPER[:] = [current, _make_retaining_grad(current)]
+                autograd.grad = _WRAPPER[1]
         _PATCH_USERS += 1
 
 
 def _uninstall() -> None:
     global _PATCH_USERS
-    import torch
+    autograd: Any = sys.modules["torch.autograd"]
 
     with _PATCH_LOCK:
         _PATCH_USERS -= 1
         if _PATCH_USERS == 0:
-            original = getattr(torch.autograd.grad, "__adbackends_original__", None)
+            original = getattr(autograd.grad, "__adbackends_original__", None)
             if original is not None:
-                torch.autograd.grad = original
+                autograd.grad = original
 
 
 # -- checking the arguments -----------------------------------------------------
@@ -200,8 +228,63 @@ _RANDOM_ERROR = (
 )
 
 
-def _sample_args(flat_args: List[Any], flat_in_dims: List[Optional[int]], i: int) -> List[Any]:
-    return [arg if d is None else arg.select(d, i) for arg, d in zip(flat_args, flat_in_dims)]
+def _tensor_inputs(in_dims: Any, args: Tuple[Any, ...]) -> Optional[Tuple[int, List[Any]]]:
+    """``(batch, dims)`` when every argument is a tensor and ``in_dims`` is flat and valid.
+
+    The common case, checked without pytrees. Anything else (pytrees,
+    non-tensors, an invalid dim) gives ``None``: :func:`_process_inputs`
+    then handles it, and raises torch.func's errors.
+    """
+    import torch
+
+    n = len(args)
+    if type(in_dims) is int:
+        dims: List[Any] = [in_dims] * n
+    elif type(in_dims) is tuple and len(in_dims) == n:
+        dims = list(in_dims)
+    else:
+        return None
+    batch = -1
+    for i, (arg, d) in enumerate(zip(args, dims)):
+        if not isinstance(arg, torch.Tensor):
+            return None
+        if d is None:
+            continue
+        if type(d) is not int:
+            return None
+        ndim = arg.dim()
+        if d < -ndim or d >= ndim:
+            return None
+        if d < 0:
+            d = dims[i] = d + ndim
+        size = arg.shape[d]
+        if batch < 0:
+            batch = size
+        elif size != batch:
+            return None
+    return None if batch < 0 else (batch, dims)
+
+
+def _columns(
+    flat_args: Sequence[Any], flat_in_dims: Sequence[Optional[int]], batch: int
+) -> Iterator[Tuple[Any, ...]]:
+    """Per-sample argument tuples, each argument sliced once for the whole batch.
+
+    An argument that does not require grad is split by one ``unbind``. One
+    that requires grad is sliced by ``select`` just before its sample runs, as
+    torch.func would see it: an in-place update on such a slice must rebase
+    the argument's history, which the views of a multi-output ``unbind``
+    refuse.
+    """
+    columns: List[Iterable[Any]] = []
+    for arg, d in zip(flat_args, flat_in_dims):
+        if d is None:
+            columns.append(repeat(arg, batch))
+        elif arg.requires_grad:
+            columns.append(map(functools.partial(arg.select, d), range(batch)))
+        else:
+            columns.append(arg.unbind(d))
+    return zip(*columns)
 
 
 def _empty_sample_args(flat_args: List[Any], flat_in_dims: List[Optional[int]]) -> List[Any]:
@@ -241,6 +324,90 @@ def _varies(column: List[Any]) -> bool:
     return False
 
 
+# -- which outputs depend on the batched inputs ----------------------------------
+
+
+def _make_probe(mode_base: Any) -> Any:
+    """A torch function mode that marks every tensor computed from a marked one.
+
+    torch.func returns a BatchedTensor from any operation that takes one, so
+    an output "depends on the batch" exactly when such a chain of operations
+    leads from a per-sample argument to it, whatever the values (``v * 0``)
+    and whether or not autograd records it (comparisons, ``detach``,
+    ``no_grad``). Marks are weak references by id, so intermediates are freed
+    as usual.
+    """
+    import weakref
+
+    import torch
+
+    tensor = torch.Tensor
+    # Builds from Python data: torch.func's result is not batched.
+    unbatched = {tensor.new_tensor}
+
+    class _Probe(mode_base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.marks: Dict[int, Any] = {}
+
+        def mark(self, value: Any) -> None:
+            self.marks[id(value)] = weakref.ref(value)
+
+        def marked(self, value: Any) -> bool:
+            ref = self.marks.get(id(value))
+            return ref is not None and ref() is value
+
+        def _any_marked(self, values: Iterable[Any]) -> bool:
+            for value in values:
+                if isinstance(value, tensor):
+                    if self.marked(value):
+                        return True
+                elif isinstance(value, (list, tuple)) and self._any_marked(value):
+                    return True
+            return False
+
+        def _mark_all(self, value: Any) -> None:
+            if isinstance(value, tensor):
+                self.mark(value)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    self._mark_all(item)
+
+        def __torch_function__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            kwargs = kwargs or {}
+            result = func(*args, **kwargs)
+            if func not in unbatched and (
+                self._any_marked(args) or self._any_marked(kwargs.values())
+            ):
+                self._mark_all(result)
+            return result
+
+    return _Probe()
+
+
+def _probe() -> Any:
+    """A fresh probe, or ``None`` on a torch without torch function modes."""
+    import torch.overrides
+
+    mode_base = getattr(torch.overrides, "TorchFunctionMode", None)
+    return None if mode_base is None else _make_probe(mode_base)
+
+
+def _has_none(out_dims: Any) -> bool:
+    if out_dims is None:
+        return True
+    if isinstance(out_dims, int):
+        return False
+    from torch.utils._pytree import tree_flatten
+
+    return any(d is None for d in tree_flatten(out_dims)[0])
+
+
+# -- the loop ----------------------------------------------------------------------
+
+
 def _run(
     func: Callable[..., Any],
     in_dims: Any,
@@ -251,47 +418,198 @@ def _run(
     kwargs: Any,
 ) -> Any:
     import torch
-    from torch.utils._pytree import tree_flatten, tree_unflatten
 
-    from ._loop_jacrev import check_chunk_size_type
+    if (
+        len(args) == 1
+        and type(in_dims) is int
+        and type(out_dims) is int
+        and randomness != "same"
+        and chunk_size is None
+        and not kwargs
+    ):
+        # The common case, decided before anything else is built: one tensor
+        # that does not require grad, split once, each view passed as is.
+        arg = args[0]
+        if isinstance(arg, torch.Tensor) and not arg.requires_grad:
+            ndim = arg.dim()
+            if -ndim <= in_dims < ndim and arg.shape[in_dims] > 1:
+                return _map_views(func, arg.unbind(in_dims), out_dims, randomness == "error")
 
-    _check_out_dims(out_dims, func)
-    batch, flat_in_dims, flat_args, args_spec = _process_inputs(in_dims, args, func)
-    check_chunk_size_type(chunk_size, "vmap")
-    name = _func_name(func)
+    if type(out_dims) is not int:
+        _check_out_dims(out_dims, func)
+    args_spec = None
+    prepared: Optional[Tuple[int, List[Any]]] = None
+    if len(args) == 1 and type(in_dims) is int and isinstance(args[0], torch.Tensor):
+        # One tensor: checked here, without building lists.
+        ndim = args[0].dim()
+        if -ndim <= in_dims < ndim:
+            dim = in_dims % ndim
+            prepared = (args[0].shape[dim], [dim])
+    else:
+        prepared = _tensor_inputs(in_dims, args)
+    if prepared is None:
+        batch, flat_in_dims, flat_args, args_spec = _process_inputs(in_dims, args, func)
+    else:
+        batch, flat_in_dims = prepared
+        flat_args = list(args)
+    if chunk_size is not None:
+        check_chunk_size_type(chunk_size, "vmap")
+    probe = _probe() if _has_none(out_dims) else None
 
-    rng = RngState() if randomness != "different" else None
-    outputs: List[List[Any]] = []
-    out_spec = None
-    first_output: Any = None
-    # Every sample but the last keeps graphs that torch.autograd.grad frees.
-    retain = batch > 1
-    pending = retain
-    if retain:
+    if probe is None and args_spec is None and batch and not kwargs:
+        # Tensors only: per-sample tuples straight from the sliced columns.
+        outputs = _call_samples(
+            func, _columns(flat_args, flat_in_dims, batch), True, batch, randomness
+        )
+        return _assemble(outputs, out_dims, batch, [], func)
+
+    if batch == 0:
+        # torch.func runs the function once, on a sample-shaped stand-in.
+        samples: Iterable[Tuple[Any, ...]] = [tuple(_empty_sample_args(flat_args, flat_in_dims))]
+    else:
+        samples = _columns(flat_args, flat_in_dims, batch)
+    call = func
+    marks: List[List[bool]] = []
+    if probe is not None:
+        batched = [k for k, d in enumerate(flat_in_dims) if d is not None]
+
+        def seeded(sample: Tuple[Any, ...]) -> Tuple[Any, ...]:
+            probe.marks.clear()
+            for k in batched:
+                probe.mark(sample[k])
+            return sample
+
+        def call(*sample_args: Any, **sample_kwargs: Any) -> Any:
+            from torch.utils._pytree import tree_flatten
+
+            output = func(*sample_args, **sample_kwargs)
+            leaves = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
+            marks.append([isinstance(v, torch.Tensor) and probe.marked(v) for v in leaves])
+            return output
+
+        samples = map(seeded, samples)
+    if args_spec is not None:
+        samples = map(functools.partial(_unflatten_args, spec=args_spec), samples)
+    if kwargs:
+        call = functools.partial(call, **kwargs)
+
+    if probe is None:
+        outputs = _call_samples(call, samples, True, max(batch, 1), randomness)
+    else:
+        with probe:
+            outputs = _call_samples(call, samples, True, max(batch, 1), randomness)
+    return _assemble(outputs, out_dims, batch, marks, func)
+
+
+def _map_views(func: Callable[..., Any], views: Sequence[Any], out_dims: int, check: bool) -> Any:
+    """:func:`_call_samples` and :func:`_assemble` in one, for two or more views.
+
+    The same steps, with no option left to test per sample: the cost of a
+    call here is meant to be that of a hand-written loop over ``unbind``.
+    """
+    import torch
+
+    rng = _Snapshot() if check else None
+    _install()
+    _LOCAL.pending = _pending() + 1
+    pending = True
+    try:
+        outputs = [func(view) for view in views[:-1]]
+        _LOCAL.pending -= 1
+        pending = False
+        outputs.append(func(views[-1]))
+        if rng is not None and not rng.unchanged():
+            rng.restore()
+            raise RuntimeError(_RANDOM_ERROR)
+    finally:
+        if pending:
+            _LOCAL.pending -= 1
+        _uninstall()
+    try:
+        stacked = torch.stack(outputs)
+    except TypeError:
+        # Not all tensors: the general path says why, or handles pytrees.
+        return _assemble(outputs, out_dims, len(views), [], func)
+    return stacked if out_dims == 0 else stacked.movedim(0, out_dims)
+
+
+def _unflatten_args(leaves: Tuple[Any, ...], spec: Any) -> Any:
+    from torch.utils._pytree import tree_unflatten
+
+    return tree_unflatten(list(leaves), spec)
+
+
+class _Snapshot(RngState):
+    """:class:`RngState`, taken and compared at the cost of a small sample.
+
+    A map checks the generators once per call, so their cost is paid even
+    for a batch of a few cheap samples: the CPU state is read straight from
+    the default generator, CUDA is asked only whether it is initialised (it
+    cannot be otherwise), and states are compared as raw bytes (``torch.equal``
+    over the few kilobytes costs several times more).
+    """
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        import torch
+
+        self.cpu = torch.default_generator.get_state()
+        self.cuda = None
+        if torch.cuda.is_initialized():
+            self.cuda = torch.cuda.get_rng_state_all()
+
+    def unchanged(self) -> bool:
+        if self.cuda is not None:
+            return super().unchanged()
+        import torch
+
+        now = torch.default_generator.get_state()
+        before = self.cpu
+        if now.numel() != before.numel() or not (now.is_contiguous() and before.is_contiguous()):
+            return bool(torch.equal(now, before))
+        # Both are plain CPU byte tensors, alive here: read them as bytes.
+        return string_at(now.data_ptr(), now.numel()) == string_at(
+            before.data_ptr(), before.numel()
+        )
+
+
+def _call_samples(
+    call: Callable[..., Any], samples: Iterable[Any], star: bool, n: int, randomness: str
+) -> List[Any]:
+    """``call`` on each of the ``n`` samples (unpacked when ``star``), in order.
+
+    Randomness and graphs freed by ``torch.autograd.grad`` are handled here:
+    the generators are compared once for the whole batch, and every sample
+    but the last keeps the graphs that ``torch.autograd.grad`` frees.
+    """
+    rng = _Snapshot() if randomness != "different" else None
+    same = randomness == "same"
+    samples = iter(samples)
+    pending = n > 1
+    if pending:
         _install()
         _LOCAL.pending = _pending() + 1
     try:
-        for i in range(max(batch, 1)):
-            if pending and i == batch - 1:
+        if same:
+            outputs: List[Any] = []
+            for k, sample in enumerate(samples):
+                if k:
+                    rng.restore()  # type: ignore[union-attr]
+                if k == n - 1 and pending:
+                    _LOCAL.pending -= 1
+                    pending = False
+                outputs.append(call(*sample) if star else call(sample))
+        else:
+            if star:
+                outputs = [call(*sample) for sample in islice(samples, n - 1)]
+            else:
+                outputs = [call(sample) for sample in islice(samples, n - 1)]
+            if pending:
                 _LOCAL.pending -= 1
                 pending = False
-            if randomness == "same" and i:
-                rng.restore()  # type: ignore[union-attr]
-            if batch == 0:
-                sample = _empty_sample_args(flat_args, flat_in_dims)
-            else:
-                sample = _sample_args(flat_args, flat_in_dims, i)
-            output = func(*tree_unflatten(sample, args_spec), **kwargs)
-            leaves, spec = tree_flatten(output)
-            if out_spec is None:
-                out_spec, first_output = spec, output
-            elif spec != out_spec:
-                raise ValueError(
-                    f"vmap({name}, ...): `{name}` returned outputs of different structures "
-                    f"for different samples: {out_spec} and {spec}. The loop backend "
-                    "stacks per-sample outputs, so they must have one structure."
-                )
-            outputs.append(leaves)
+            last = next(samples)
+            outputs.append(call(*last) if star else call(last))
         # One comparison for the whole batch: a random operation in any sample
         # leaves the default generators moved on.
         if randomness == "error" and not rng.unchanged():  # type: ignore[union-attr]
@@ -300,15 +618,55 @@ def _run(
     finally:
         if pending:
             _LOCAL.pending -= 1
-        if retain:
+        if n > 1:
             _uninstall()
+    return outputs
 
-    flat_dims = _flat_out_dims(out_dims, first_output, out_spec, func)
+
+def _assemble(
+    outputs: List[Any], out_dims: Any, batch: int, marks: List[List[bool]], func: Any
+) -> Any:
+    """Stack the per-sample outputs along ``out_dims``."""
+    import torch
+
+    if type(out_dims) is int and batch:
+        # The common case: one stack, batch first, then moved, which gives the
+        # memory layout torch.func's results have. Outputs that are not all
+        # tensors make stack raise TypeError; the general path below says why.
+        try:
+            stacked = torch.stack(outputs)
+        except TypeError:
+            pass
+        else:
+            return stacked if out_dims == 0 else stacked.movedim(0, out_dims)
+
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    name = _func_name(func)
+    columns_by_sample: List[List[Any]] = []
+    first = outputs[0]
+    out_spec = None
+    for output in outputs:
+        leaves, spec = tree_flatten(output)
+        if out_spec is None:
+            out_spec = spec
+        elif spec != out_spec:
+            raise ValueError(
+                f"vmap({name}, ...): `{name}` returned outputs of different structures "
+                f"for different samples: {out_spec} and {spec}. The loop backend "
+                "stacks per-sample outputs, so they must have one structure."
+            )
+        columns_by_sample.append(leaves)
+    outputs.clear()
+    flat_dims = _flat_out_dims(out_dims, first, out_spec, func)
+    del first
     result = []
     for k, dim in enumerate(flat_dims):
-        column = [leaves[k] for leaves in outputs]
+        column = [leaves[k] for leaves in columns_by_sample]
         if dim is None:
-            if isinstance(column[0], torch.Tensor) and _varies(column):
+            if isinstance(column[0], torch.Tensor) and (
+                any(m[k] for m in marks) or _varies(column)
+            ):
                 raise ValueError(
                     f"vmap({name}, ...): `{name}` can not return a BatchedTensor when "
                     "out_dim is None"
@@ -327,9 +685,9 @@ def _run(
             # Batch-first, then moved: the same memory layout as torch.func's.
             result.append(torch.stack(column).movedim(0, dim))
         column.clear()
-        for leaves in outputs:
+        for leaves in columns_by_sample:
             leaves[k] = None
-    # The loop above ran at least once, so the structure is known.
+    # The loop ran at least once, so the structure is known.
     return tree_unflatten(result, cast(Any, out_spec))
 
 

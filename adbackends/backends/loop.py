@@ -14,9 +14,8 @@ Where a loop cannot behave exactly like torch.func:
 * ``vmap`` runs the function once per sample, so code that torch.func
   refuses (``.item()``, data-dependent control flow, Functions without a vmap
   rule) runs here.
-* ``out_dims=None`` is accepted for an output whose per-sample values are all
-  equal: a loop cannot see whether an output was computed from the batched
-  inputs, only whether it differs between samples.
+* ``out_dims=None`` refuses an output computed from the batched inputs, as
+  torch.func does; see the loop page for the few cases still judged by values.
 * ``randomness="error"`` watches the default CPU and CUDA generators; draws
   from a private ``torch.Generator`` go unnoticed.
 * While a loop ``vmap`` runs, ``torch.autograd.grad`` called from the same
@@ -33,7 +32,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from ..backend import ArgNums, Backend
+from .._shared import ArgNums
+from ..backend import Backend
 from ._loop_jacrev import jacrev
 from ._loop_vmap import vmap
 
