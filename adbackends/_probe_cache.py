@@ -36,6 +36,7 @@ Examples
 --------
 >>> import os, tempfile, torch, adbackends
 >>> from adbackends._probe_cache import cache_file, clear_probe_cache, probe_origin
+>>> saved = {k: os.environ.pop(k, None) for k in ("ADBACKENDS_CACHE_DIR", "ADBACKENDS_NO_CACHE")}
 >>> os.environ["ADBACKENDS_CACHE_DIR"] = tempfile.mkdtemp()
 >>> os.path.basename(cache_file())
 'probes-v1.json'
@@ -47,7 +48,10 @@ True
 'run'
 >>> os.path.exists(cache_file())
 True
->>> del os.environ["ADBACKENDS_CACHE_DIR"]
+>>> clear_probe_cache()
+>>> os.environ.update({k: v for k, v in saved.items() if v is not None})
+>>> for k in [k for k, v in saved.items() if v is None]:
+...     del os.environ[k]
 """
 
 from __future__ import annotations

@@ -104,6 +104,11 @@ def summarize_exception(exc: BaseException, limit: int = 200) -> str:
 class RngState:
     """A snapshot of the default generators: CPU, and CUDA once it is initialised.
 
+    Cheap enough to take once per call of a transform (about 1 us): the CPU
+    state is read from the default generator, CUDA is asked only whether it is
+    initialised (an uninitialised CUDA has drawn nothing), and states are
+    compared as raw bytes.
+
     Examples
     --------
     >>> import torch
@@ -122,16 +127,16 @@ class RngState:
     def __init__(self) -> None:
         import torch
 
-        self.cpu = torch.random.get_rng_state()
+        self.cpu = torch.default_generator.get_state()
         self.cuda: Optional[List[Any]] = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():
             self.cuda = torch.cuda.get_rng_state_all()
 
     def restore(self) -> None:
         """Put the generators back to the snapshot."""
         import torch
 
-        torch.random.set_rng_state(self.cpu)
+        torch.default_generator.set_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
 
@@ -139,12 +144,23 @@ class RngState:
         """Whether nothing has drawn from the generators since the snapshot."""
         import torch
 
-        if not torch.equal(torch.random.get_rng_state(), self.cpu):
+        if not _same_bytes(torch.default_generator.get_state(), self.cpu):
             return False
         if self.cuda is not None:
             now = torch.cuda.get_rng_state_all()
-            return all(torch.equal(a, b) for a, b in zip(now, self.cuda))
+            return all(_same_bytes(a, b) for a, b in zip(now, self.cuda))
         return True
+
+
+def _same_bytes(a: Any, b: Any) -> bool:
+    """Equality of two generator states (CPU uint8 tensors); ``torch.equal`` costs more."""
+    import torch
+
+    if a.numel() != b.numel() or not (a.is_contiguous() and b.is_contiguous()):
+        return bool(torch.equal(a, b))
+    from ctypes import string_at
+
+    return string_at(a.data_ptr(), a.numel()) == string_at(b.data_ptr(), b.numel())
 
 
 @contextlib.contextmanager

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import sys
 import threading
-from ctypes import string_at
 from itertools import islice, repeat
 from typing import (
     Any,
@@ -509,7 +508,7 @@ def _map_views(func: Callable[..., Any], views: Sequence[Any], out_dims: int, ch
     """
     import torch
 
-    rng = _Snapshot() if check else None
+    rng = RngState() if check else None
     _install()
     _LOCAL.pending = _pending() + 1
     pending = True
@@ -539,41 +538,6 @@ def _unflatten_args(leaves: Tuple[Any, ...], spec: Any) -> Any:
     return tree_unflatten(list(leaves), spec)
 
 
-class _Snapshot(RngState):
-    """:class:`RngState`, taken and compared at the cost of a small sample.
-
-    A map checks the generators once per call, so their cost is paid even
-    for a batch of a few cheap samples: the CPU state is read straight from
-    the default generator, CUDA is asked only whether it is initialised (it
-    cannot be otherwise), and states are compared as raw bytes (``torch.equal``
-    over the few kilobytes costs several times more).
-    """
-
-    __slots__ = ()
-
-    def __init__(self) -> None:
-        import torch
-
-        self.cpu = torch.default_generator.get_state()
-        self.cuda = None
-        if torch.cuda.is_initialized():
-            self.cuda = torch.cuda.get_rng_state_all()
-
-    def unchanged(self) -> bool:
-        if self.cuda is not None:
-            return super().unchanged()
-        import torch
-
-        now = torch.default_generator.get_state()
-        before = self.cpu
-        if now.numel() != before.numel() or not (now.is_contiguous() and before.is_contiguous()):
-            return bool(torch.equal(now, before))
-        # Both are plain CPU byte tensors, alive here: read them as bytes.
-        return string_at(now.data_ptr(), now.numel()) == string_at(
-            before.data_ptr(), before.numel()
-        )
-
-
 def _call_samples(
     call: Callable[..., Any], samples: Iterable[Any], star: bool, n: int, randomness: str
 ) -> List[Any]:
@@ -583,7 +547,7 @@ def _call_samples(
     the generators are compared once for the whole batch, and every sample
     but the last keeps the graphs that ``torch.autograd.grad`` frees.
     """
-    rng = _Snapshot() if randomness != "different" else None
+    rng = RngState() if randomness != "different" else None
     same = randomness == "same"
     samples = iter(samples)
     pending = n > 1
