@@ -58,6 +58,8 @@ napoleon_use_param = False
 doctest_global_setup = """
 import os
 os.environ.pop("TAD_AD_BACKEND", None)
+# The examples never read or write the reader's probe cache on disk.
+os.environ["ADBACKENDS_NO_CACHE"] = "1"
 import torch
 import adbackends
 adbackends.use(None)
