@@ -1,7 +1,8 @@
 """adbackends: a pluggable backend registry for PyTorch's autodiff transforms.
 
-``jacrev``, ``vmap``, ``fjacrev`` and ``fvmap`` have torch.func's signatures
-and run on the active backend: ``torch.func``, ``functorch``, ``loop`` or an
+``jacrev``, ``vmap``, ``grad``, ``grad_and_value``, ``vjp``, ``jvp``,
+``jacfwd``, ``hessian``, ``linearize``, ``fjacrev`` and ``fvmap`` have
+torch.func's signatures and run on the active backend: ``torch.func``, ``functorch``, ``loop`` or an
 installed plugin, chosen by :func:`using`, :func:`use`, the environment
 variable ``TAD_AD_BACKEND`` or automatically from capability probes.
 
@@ -39,7 +40,19 @@ from .fallback import Fallback, FallbackWarning, fallbacks, forget_fallbacks
 from .probes import Support
 from .registry import REGISTRY as _REGISTRY
 from .selection import Choice, current, explain, get, require, use, using
-from .transforms import fjacrev, fvmap, jacrev, vmap
+from .transforms import (
+    fjacrev,
+    fvmap,
+    grad,
+    grad_and_value,
+    hessian,
+    jacfwd,
+    jacrev,
+    jvp,
+    linearize,
+    vjp,
+    vmap,
+)
 
 __all__ = [
     "Backend",
@@ -61,13 +74,20 @@ __all__ = [
     "forget_fallbacks",
     "fvmap",
     "get",
+    "grad",
+    "grad_and_value",
+    "hessian",
+    "jacfwd",
     "jacrev",
+    "jvp",
+    "linearize",
     "refresh",
     "register",
     "require",
     "unregister",
     "use",
     "using",
+    "vjp",
     "vmap",
 ]
 

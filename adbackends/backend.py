@@ -1,8 +1,24 @@
 """The :class:`Backend` base class: what every autodiff backend provides.
 
-A backend is an object with a name, a version, the two transforms ``jacrev``
-and ``vmap`` with torch.func's exact signatures, and capabilities that are
-probed rather than declared. Built-in backends and plugins subclass it alike.
+A backend is an object with a name, a version, torch.func's transforms with
+their exact signatures, and capabilities that are probed rather than declared.
+Built-in backends and plugins subclass it alike.
+
+Contract 2 (this version) has the whole family: ``jacrev``, ``vmap``,
+``grad``, ``grad_and_value``, ``vjp``, ``jvp``, ``jacfwd``, ``hessian`` and
+``linearize``. Only ``jacrev`` and ``vmap`` are required. What a backend does
+not implement, this base class derives where the derivation is exact:
+
+* ``grad`` and ``grad_and_value`` from ``jacrev`` (the Jacobian of a scalar
+  output is the gradient);
+* ``hessian`` as ``jacrev(jacrev(func, argnums), argnums)``;
+* ``jacfwd`` from ``jacrev`` (the same Jacobian, computed by rows);
+* ``linearize`` from ``jvp``, when the backend implements ``jvp``.
+
+``vjp``, ``jvp`` (and ``linearize`` without ``jvp``) cannot be had from
+``jacrev`` and ``vmap`` without building whole Jacobians, so they raise
+:class:`~adbackends.CapabilityError` naming what the backend would need.
+:meth:`Backend.transforms` says which is which for a backend.
 
 A backend knows nothing about other backends. ``fjacrev``/``fvmap`` of a
 backend without native transforms are served by another one; which one is
@@ -19,12 +35,46 @@ from ._shared import ArgNums, native_call
 from .errors import CapabilityError
 from .probes import PROBES, Support, run_probe
 
-__all__ = ["CONTRACT_VERSION", "Backend", "Refusal", "set_native_resolver"]
+__all__ = [
+    "CONTRACTS",
+    "CONTRACT_VERSION",
+    "TRANSFORMS",
+    "Backend",
+    "Refusal",
+    "set_native_resolver",
+]
 
 #: The version of the backend contract documented in "Writing a plugin".
-#: A plugin declares the contract it was written for as ``Backend.contract``;
-#: the registry refuses one whose major contract differs.
-CONTRACT_VERSION = 1
+#: A plugin declares the contract it was written for as ``Backend.contract``.
+CONTRACT_VERSION = 2
+
+#: Every contract this adbackends implements; the registry refuses others.
+#: Contract 1 had ``jacrev`` and ``vmap`` only; such a backend keeps working,
+#: with the rest of the family derived (see :meth:`Backend.transforms`).
+CONTRACTS: Tuple[int, ...] = (1, 2)
+
+#: The transforms of the contract, in documentation order.
+TRANSFORMS: Tuple[str, ...] = (
+    "jacrev",
+    "vmap",
+    "grad",
+    "grad_and_value",
+    "vjp",
+    "jvp",
+    "jacfwd",
+    "hessian",
+    "linearize",
+)
+
+#: How the base class provides a transform the backend does not implement.
+_DERIVATIONS: Dict[str, str] = {
+    "grad": "derived from jacrev",
+    "grad_and_value": "derived from jacrev",
+    "jacfwd": "derived from jacrev",
+    "hessian": "derived from jacrev (jacrev(jacrev))",
+}
+
+_GRAD = "grad_and_value(f)(*args)"
 
 _native_resolver: Optional[Callable[[Backend], Backend]] = None
 
@@ -77,7 +127,9 @@ class Backend:
 
     Subclasses set :attr:`name` (for plugins, the entry point's name is used
     when it is left empty), implement :meth:`jacrev` and :meth:`vmap`, and may
-    override :meth:`load` to import what they need and :attr:`version`.
+    override :meth:`load` to import what they need and :attr:`version`. They
+    may implement any other transform of the family; the base class derives
+    the rest where it can (see :meth:`transforms`).
 
     Capabilities are never taken on trust: :meth:`supports` runs the named
     probe (once per process) against this backend's own transforms.
@@ -156,6 +208,162 @@ class Backend:
     ) -> Callable[..., Any]:
         """Map ``func`` over a batch dimension, as ``torch.func.vmap``."""
         raise NotImplementedError(f"backend {self.name!r} does not implement vmap")
+
+    # The rest of the family. Each default below is the base class's
+    # derivation from jacrev (or jvp); a backend overrides what it has natively.
+
+    def grad(
+        self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
+        """Gradient of a scalar ``func``, as ``torch.func.grad``.
+
+        Derived from :meth:`jacrev` unless the backend implements it.
+        """
+        both = self.grad_and_value(func, argnums, has_aux)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            gradient, value = both(*args, **kwargs)
+            if has_aux:
+                return gradient, value[1]
+            return gradient
+
+        return wrapper
+
+    def grad_and_value(
+        self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
+        """Gradient and value of a scalar ``func``, as ``torch.func.grad_and_value``.
+
+        Derived from :meth:`jacrev` unless the backend implements it: the
+        value (and ``aux``) travel as ``jacrev``'s ``aux``.
+        """
+        jacrev = self.jacrev
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            def scalar(*inner: Any) -> Any:
+                return _scalar_and_aux(func(*inner, **kwargs), has_aux)
+
+            return jacrev(scalar, argnums, has_aux=True)(*args)
+
+        return wrapper
+
+    def vjp(self, func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:
+        """Output of ``func`` and a function for vector-Jacobian products, as ``torch.func.vjp``.
+
+        Not derived: a backend without its own ``vjp`` raises
+        :class:`~adbackends.CapabilityError`.
+        """
+        raise self._missing("vjp", "vjp(func, *primals, has_aux=False) returning (output, vjp_fn)")
+
+    def jvp(
+        self,
+        func: Callable[..., Any],
+        primals: Any,
+        tangents: Any,
+        *,
+        strict: bool = False,
+        has_aux: bool = False,
+    ) -> Any:
+        """Output of ``func`` and its Jacobian-vector product, as ``torch.func.jvp``.
+
+        Not derived: a backend without its own ``jvp`` raises
+        :class:`~adbackends.CapabilityError`.
+        """
+        raise self._missing(
+            "jvp",
+            "forward-mode products: jvp(func, primals, tangents, *, strict=False, has_aux=False)",
+        )
+
+    def jacfwd(
+        self,
+        func: Callable[..., Any],
+        argnums: ArgNums = 0,
+        has_aux: bool = False,
+        *,
+        randomness: str = "error",
+    ) -> Callable[..., Any]:
+        """Jacobian of ``func`` by forward-mode autodiff, as ``torch.func.jacfwd``.
+
+        Derived from :meth:`jacrev` (the same Jacobian) unless the backend
+        implements it; the derivation has no ``randomness`` other than
+        ``"error"``, which it does not enforce.
+        """
+        if randomness not in ("error", "different", "same"):
+            raise RuntimeError(
+                "Only allowed values for randomness are 'error', 'different', or 'same'. "
+                f"Got {randomness}"
+            )
+        if randomness != "error":
+            raise CapabilityError(
+                self.name,
+                "jacfwd",
+                f"backend {self.name!r} derives jacfwd from jacrev, which has no randomness; "
+                f"randomness={randomness!r} needs the backend to implement jacfwd(..., "
+                "randomness=...)",
+                detail=f"jacfwd(randomness={randomness!r})",
+            )
+        return self.jacrev(func, argnums, has_aux=has_aux)
+
+    def hessian(self, func: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
+        """Hessian of ``func``, as ``torch.func.hessian``.
+
+        Derived as ``jacrev(jacrev(func, argnums), argnums)`` unless the
+        backend implements it; the result has torch.func's structure.
+        """
+        return self.jacrev(self.jacrev(func, argnums), argnums)
+
+    def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
+        """Output of ``func`` and a function for its JVPs, as ``torch.func.linearize``.
+
+        Derived from :meth:`jvp` when the backend implements ``jvp``
+        (``func`` then runs once now and once per product); otherwise
+        :class:`~adbackends.CapabilityError`.
+        """
+        if type(self).jvp is Backend.jvp:
+            raise self._missing("linearize", "linearize(func, *primals), or jvp to derive it from")
+        output = func(*primals)
+        jvp = self.jvp
+
+        def jvp_fn(*tangents: Any) -> Any:
+            return jvp(func, primals, tangents)[1]
+
+        return output, jvp_fn
+
+    def transforms(self) -> Dict[str, str]:
+        """How this backend provides each transform of the contract.
+
+        ``"own"`` for what the backend implements, ``"derived from ..."`` for
+        what the base class derives, ``"missing"`` for what raises
+        :class:`~adbackends.CapabilityError`.
+
+        Examples
+        --------
+        >>> import adbackends
+        >>> adbackends.get("loop").transforms()["hessian"]
+        'own'
+        """
+        cls = type(self)
+        out: Dict[str, str] = {}
+        for name in TRANSFORMS:
+            if getattr(cls, name) is not getattr(Backend, name):
+                out[name] = "own"
+            elif name == "linearize" and cls.jvp is not Backend.jvp:
+                out[name] = "derived from jvp"
+            else:
+                out[name] = _DERIVATIONS.get(name, "missing")
+        return out
+
+    def _missing(self, transform: str, need: str) -> CapabilityError:
+        own = [name for name, how in self.transforms().items() if how == "own"]
+        return CapabilityError(
+            self.name,
+            transform,
+            f"backend {self.name!r} (contract {self.contract}) implements "
+            f"{', '.join(own) or 'nothing'}; {transform} cannot be derived from those "
+            f"exactly. It would need {need}. The built-in backends have it",
+        )
 
     def fjacrev(
         self,
@@ -251,3 +459,28 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<adbackends backend {self.name!r} ({self.origin}, version {self.version})>"
+
+
+def _scalar_and_aux(result: Any, has_aux: bool) -> Tuple[Any, Any]:
+    """``(output, value)`` or ``(output, (value, aux))`` for a derived grad_and_value.
+
+    Checks ``func``'s result as ``torch.func.grad_and_value`` does, with its
+    exception types and messages.
+    """
+    import torch
+
+    aux = None
+    if has_aux:
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise RuntimeError(
+                f"{_GRAD}: output of function f should be a tuple: (output, aux) if has_aux is True"
+            )
+        result, aux = result
+    if not isinstance(result, torch.Tensor):
+        raise RuntimeError(f"{_GRAD}: Expected f(*args) to return a Tensor, got {type(result)}")
+    if result.dim() != 0:
+        raise RuntimeError(
+            f"{_GRAD}: Expected f(*args) to return a scalar Tensor, got tensor with "
+            f"{result.dim()} dims. Maybe you wanted to use the vjp or jacrev APIs instead?"
+        )
+    return result, ((result, aux) if has_aux else result)

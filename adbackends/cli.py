@@ -24,7 +24,7 @@ def report() -> Dict[str, Any]:
     from . import __version__
     from ._probe_cache import cache_file, probe_origin
     from .errors import BackendError
-    from .probes import PROBES
+    from .probes import PROBES, tolerance_of
     from .registry import REGISTRY
     from .selection import ENV_VAR, _choose, native_backend, require
 
@@ -55,6 +55,11 @@ def report() -> Dict[str, Any]:
                 hint=None,
                 version=backend.version,
                 probes=probe_origin(backend),  # "cache", "run" or None
+                # What the probes (and the conformance kit) compare values with.
+                tolerance=list(tolerance_of(backend)),
+                approximate=getattr(backend, "tolerance", None) is not None,
+                contract=backend.contract,
+                transforms=backend.transforms(),
                 capabilities={cap: {"ok": s.ok, "reason": s.reason} for cap, s in caps.items()},
             )
         backends.append(item)
@@ -117,6 +122,18 @@ def _format(data: Dict[str, Any]) -> str:
         if item["status"] == "ok":
             src = "  (probe results from cache)" if item.get("probes") == "cache" else ""
             lines.append(f"  {item['name']}  [{origin}]  version {item['version']}: ok{src}")
+            if item.get("approximate"):
+                rtol, atol = item["tolerance"]
+                lines.append(
+                    f"      approximate: values compared with rtol={rtol:g}, atol={atol:g}"
+                )
+            ways = item.get("transforms") or {}
+            other = {n: how for n, how in ways.items() if how != "own"}
+            if other:
+                lines.append(
+                    f"      contract {item['contract']}; "
+                    + ", ".join(f"{n}: {how}" for n, how in other.items())
+                )
             for cap, res in item["capabilities"].items():
                 mark = ok if res["ok"] else no
                 why = "" if res["ok"] else f"  ({res['reason']})"

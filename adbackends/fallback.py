@@ -138,9 +138,9 @@ def _identity(func: Any) -> Any:
     and rebuilt in a loop is one function. Transform wrappers built by a chain
     carry their own key, which includes the function they wrap.
     """
-    key = getattr(func, "__adbackends_key__", None)
-    if key is not None:
-        return key
+    marker = getattr(func, "__adbackends_chain__", None)
+    if marker is not None:
+        return marker[0]
     code = getattr(func, "__code__", None)
     if code is not None:
         return code
@@ -157,9 +157,10 @@ def _identity(func: Any) -> Any:
 
 
 def _label(func: Any) -> str:
-    label = getattr(func, "__adbackends_label__", None)
-    if label is not None:
-        return str(label)
+    marker = getattr(func, "__adbackends_chain__", None)
+    if marker is not None:
+        _, transform, inner = marker
+        return f"{transform}({_label(inner)})"
     if isinstance(func, functools.partial):
         return f"partial({_label(func.func)})"
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
@@ -187,6 +188,7 @@ class ChainBackend(Backend):
         self.native_backend = native
         self.fallback_backend = fallback
         self.name = f"{native.name}>{fallback.name}"
+        self._names = (native.name, fallback.name)
 
     @property
     def version(self) -> str:
@@ -234,6 +236,70 @@ class ChainBackend(Backend):
         # draw, so nothing can have drawn before a refusal: no RNG snapshot.
         return self._chained("vmap", func, make, randomness != "error")
 
+    def grad(
+        self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
+        def make(backend: Backend) -> Callable[..., Any]:
+            return backend.grad(func, argnums, has_aux)
+
+        return self._chained("grad", func, make, True)
+
+    def grad_and_value(
+        self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
+        def make(backend: Backend) -> Callable[..., Any]:
+            return backend.grad_and_value(func, argnums, has_aux)
+
+        return self._chained("grad_and_value", func, make, True)
+
+    def jacfwd(
+        self,
+        func: Callable[..., Any],
+        argnums: ArgNums = 0,
+        has_aux: bool = False,
+        *,
+        randomness: str = "error",
+    ) -> Callable[..., Any]:
+        def make(backend: Backend) -> Callable[..., Any]:
+            return backend.jacfwd(func, argnums, has_aux, randomness=randomness)
+
+        # As for vmap: with randomness="error" nothing draws before a refusal.
+        return self._chained("jacfwd", func, make, randomness != "error")
+
+    def hessian(self, func: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
+        def make(backend: Backend) -> Callable[..., Any]:
+            return backend.hessian(func, argnums)
+
+        return self._chained("hessian", func, make, True)
+
+    # vjp, jvp and linearize run at once: the call itself is chained.
+
+    def vjp(self, func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:
+        def make(backend: Backend) -> Callable[..., Any]:
+            return functools.partial(backend.vjp, func, has_aux=has_aux)
+
+        return self._chained("vjp", func, make, True)(*primals)
+
+    def jvp(
+        self,
+        func: Callable[..., Any],
+        primals: Any,
+        tangents: Any,
+        *,
+        strict: bool = False,
+        has_aux: bool = False,
+    ) -> Any:
+        def make(backend: Backend) -> Callable[..., Any]:
+            return functools.partial(backend.jvp, func, strict=strict, has_aux=has_aux)
+
+        return self._chained("jvp", func, make, True)(primals, tangents)
+
+    def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
+        def make(backend: Backend) -> Callable[..., Any]:
+            return functools.partial(backend.linearize, func)
+
+        return self._chained("linearize", func, make, True)(*primals)  # type: ignore[no-any-return]
+
     def fjacrev(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
         """The native backend's: ``fjacrev`` never falls back."""
         return self.native_backend.fjacrev(*args, **kwargs)
@@ -259,7 +325,9 @@ class ChainBackend(Backend):
         make: Callable[[Backend], Callable[..., Any]],
         snapshot_rng: bool,
     ) -> Callable[..., Any]:
-        native, fallback = self.native_backend, self.fallback_backend
+        # Building the transform is on every call's path (adbackends.vmap(f)(x)):
+        # nothing here may cost more than a few hundred nanoseconds.
+        native = self.native_backend
         try:
             native_t = make(native)
         except Exception as exc:
@@ -269,35 +337,34 @@ class ChainBackend(Backend):
             if refusal is None:
                 raise
             log.info(
-                "%s cannot build %s: %s; using %s",
+                "%s cannot build %s (%s); using %s",
                 native.name,
                 transform,
                 refusal.reason,
-                fallback.name,
+                self.fallback_backend.name,
             )
-            return make(fallback)
-        key = (native.name, fallback.name, transform, _identity(func))
-        label = f"{transform}({_label(func)})"
-        fallback_t: List[Callable[..., Any]] = []
-        memory = _memory
-        running = _running
+            return make(self.fallback_backend)
+        key = (self._names, transform, _identity(func))
+        chain = self
+        fallback_t: Optional[Callable[..., Any]] = None
 
         def run_fallback(*args: Any, **kwargs: Any) -> Any:
-            if not fallback_t:
-                fallback_t.append(make(fallback))
+            nonlocal fallback_t
+            if fallback_t is None:
+                fallback_t = make(chain.fallback_backend)
             # Inner transforms that fall back in here are remembered, but the
             # user has been told about this function once already.
-            running.quiet += 1
+            _running.quiet += 1
             try:
-                return fallback_t[0](*args, **kwargs)
+                return fallback_t(*args, **kwargs)
             finally:
-                running.quiet -= 1
+                _running.quiet -= 1
 
-        @functools.wraps(native_t)
         def call(*args: Any, **kwargs: Any) -> Any:
+            running = _running
             if running.depth:  # inside a native transform: its outer call decides
                 return native_t(*args, **kwargs)
-            record = memory.get(key)
+            record = _memory.get(key)
             if record is not None:
                 record.calls += 1
                 return run_fallback(*args, **kwargs)
@@ -314,45 +381,37 @@ class ChainBackend(Backend):
                 running.depth = 0
             if rng is not None:
                 rng.restore()
-            _remember(key, label, transform, native.name, fallback.name, refusal, func)
+            _remember(key, call, chain, refusal)
             try:
                 return run_fallback(*args, **kwargs)
             except Exception as second:
                 _attach(second, error, native.name)
                 raise
 
-        call.__adbackends_key__ = key  # type: ignore[attr-defined]
-        call.__adbackends_label__ = label  # type: ignore[attr-defined]
+        call.__adbackends_chain__ = (key, transform, func)  # type: ignore[attr-defined]
         return call
 
 
-def _remember(
-    key: Tuple[Any, ...],
-    label: str,
-    transform: str,
-    native: str,
-    fallback: str,
-    refusal: Refusal,
-    func: Any,
-) -> None:
+def _remember(key: Tuple[Any, ...], call: Any, chain: ChainBackend, refusal: Refusal) -> None:
     from .probes import probing
 
     if probing():  # a probe's own functions are not the user's
         return
     quiet = _running.quiet > 0
+    _, transform, func = call.__adbackends_chain__
+    native, fallback = chain._names
     with _lock:
         record = _memory.get(key)
         first = record is None
         if first:
-            record = _memory[key] = _Record(label, transform, native, fallback, refusal)
+            record = _memory[key] = _Record(_label(call), transform, native, fallback, refusal)
         record.calls += 1  # type: ignore[union-attr]
     if not first:
         return
     text = (
         f"{native} cannot {transform} {_label(func)} ({refusal.reason.rstrip('.')}). This "
-        f"call and later "
-        f"calls of it run on the {fallback} backend instead (adbackends.fallbacks() lists "
-        f"them). To let {native} transform it: {refusal.fix}."
+        f"call and later calls of it run on the {fallback} backend instead "
+        f"(adbackends.fallbacks() lists them). To let {native} transform it: {refusal.fix}."
     )
     log.info("%s", text)
     if not quiet:

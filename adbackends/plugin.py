@@ -40,16 +40,18 @@ from ._shared import (
     preserved_rng,
     summarize_exception,
 )
-from .backend import CONTRACT_VERSION, Backend
-from .probes import PROBES, PROBES_VERSION, Support, describe
+from .backend import CONTRACT_VERSION, CONTRACTS, TRANSFORMS, Backend
+from .probes import PROBES, PROBES_VERSION, Support, describe, tolerance_of
 from .registry import ENTRY_POINT_GROUP, REGISTRY, Registry
 
 __all__ = [
+    "CONTRACTS",
     "CONTRACT_VERSION",
     "ENTRY_POINT_GROUP",
     "PROBES",
     "PROBES_VERSION",
     "REGISTRY",
+    "TRANSFORMS",
     "ArgNums",
     "Backend",
     "Registry",
@@ -60,4 +62,5 @@ __all__ = [
     "normalize_argnums",
     "preserved_rng",
     "summarize_exception",
+    "tolerance_of",
 ]

@@ -31,12 +31,13 @@ __all__ = [
     "cached_support",
     "describe",
     "probing",
+    "tolerance_of",
     "run_probe",
 ]
 
 #: The version of the probe set. Bump it whenever a probe changes what it
 #: checks: answers stored on disk under another version are not reused.
-PROBES_VERSION = 1
+PROBES_VERSION = 2
 
 
 class Support(NamedTuple):
@@ -177,6 +178,39 @@ def _pristine() -> Iterator[None]:
 # -- the probes ----------------------------------------------------------------
 
 
+#: (rtol, atol) for a backend that states no ``tolerance``: exact up to rounding.
+EXACT_TOLERANCE = (1e-10, 1e-12)
+
+_TOLERANCE = threading.local()
+
+
+def tolerance_of(backend: Any) -> Any:
+    """The (rtol, atol) probes and the conformance kit compare ``backend`` with.
+
+    Its stated ``Backend.tolerance`` for a backend approximate by design,
+    else ``EXACT_TOLERANCE`` (1e-10, 1e-12); never tighter than that.
+    """
+    stated = getattr(backend, "tolerance", None)
+    if stated is None:
+        return EXACT_TOLERANCE
+    return (max(float(stated[0]), EXACT_TOLERANCE[0]), max(float(stated[1]), EXACT_TOLERANCE[1]))
+
+
+def _with_tolerance(check: Callable[[Backend], None]) -> Callable[[Backend], None]:
+    """Run a probe with the backend's own tolerance in force for :func:`_close`."""
+
+    def run(backend: Backend) -> None:
+        before = getattr(_TOLERANCE, "value", None)
+        _TOLERANCE.value = tolerance_of(backend)
+        try:
+            check(backend)
+        finally:
+            _TOLERANCE.value = before
+
+    run.__name__ = getattr(check, "__name__", "probe")
+    return run
+
+
 def _close(actual: Any, expected: Any, what: str) -> None:
     import torch
 
@@ -186,8 +220,10 @@ def _close(actual: Any, expected: Any, what: str) -> None:
         raise AssertionError(
             f"{what}: expected shape {tuple(expected.shape)}, got {tuple(actual.shape)}"
         )
-    if not torch.allclose(actual, expected, rtol=1e-10, atol=1e-12):
-        raise AssertionError(f"{what}: wrong values")
+    rtol, atol = getattr(_TOLERANCE, "value", None) or EXACT_TOLERANCE
+    if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
+        within = "" if (rtol, atol) == EXACT_TOLERANCE else f" (rtol={rtol:g}, atol={atol:g})"
+        raise AssertionError(f"{what}: wrong values{within}")
 
 
 def _inputs() -> Any:
@@ -334,32 +370,143 @@ def _probe_randomness(backend: Backend) -> None:
         raise AssertionError("randomness='error' did not raise on a random operation")
 
 
+_FORWARD: Dict[str, Any] = {}
+
+
+def _forward_cube() -> Any:
+    """x**3 as a custom Function with a jvp rule (and backward, and a vmap rule).
+
+    setup_context style on torch >= 2.0; before that, ctx style, the only
+    style that torch has (forward-mode rules for it arrived in torch 1.11).
+    """
+    if _FORWARD:
+        return _FORWARD["cube"]
+    import torch
+
+    if hasattr(torch.autograd.Function, "setup_context"):
+
+        class ForwardCube(torch.autograd.Function):
+            @staticmethod
+            def forward(x: Any) -> Any:  # type: ignore[override]
+                return x**3
+
+            @staticmethod
+            def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+                ctx.save_for_backward(inputs[0])
+                ctx.save_for_forward(inputs[0])
+
+            @staticmethod
+            def backward(ctx: Any, grad: Any) -> Any:  # type: ignore[override]
+                (x,) = ctx.saved_tensors
+                return grad * 3 * x**2
+
+            @staticmethod
+            def jvp(ctx: Any, tangent: Any) -> Any:
+                (x,) = ctx.saved_tensors
+                return tangent * 3 * x**2
+
+            @staticmethod
+            def vmap(info: Any, in_dims: Any, x: Any) -> Any:
+                return ForwardCube.apply(x), in_dims[0]
+
+        _FORWARD["cube"] = ForwardCube.apply
+    else:
+
+        class LegacyForwardCube(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, x: Any) -> Any:  # type: ignore[override]
+                ctx.save_for_backward(x)
+                ctx.save_for_forward(x)
+                return x**3
+
+            @staticmethod
+            def backward(ctx: Any, grad: Any) -> Any:  # type: ignore[override]
+                (x,) = ctx.saved_tensors
+                return grad * 3 * x**2
+
+            @staticmethod
+            def jvp(ctx: Any, tangent: Any) -> Any:
+                (x,) = ctx.saved_tensors
+                return tangent * 3 * x**2
+
+        _FORWARD["cube"] = LegacyForwardCube.apply
+    return _FORWARD["cube"]
+
+
+def _probe_forward_mode(backend: Backend) -> None:
+    import torch
+
+    x, _ = _inputs()
+    v = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)
+    out, tangent = backend.jvp(torch.sin, (x,), (v,))
+    _close(out, x.sin(), "jvp(sin) output")
+    _close(tangent, x.cos() * v, "jvp(sin)")
+    _close(backend.jacfwd(torch.sin)(x), torch.diag(x.cos()), "jacfwd(sin)")
+    cube = _forward_cube()
+    out, tangent = backend.jvp(cube, (x,), (v,))
+    _close(out, x**3, "jvp output of a Function with a jvp rule")
+    _close(tangent, 3 * x**2 * v, "jvp through a Function with a jvp rule")
+    _close(backend.jacfwd(cube)(x), torch.diag(3 * x**2), "jacfwd through a Function")
+
+
+def _probe_hessian(backend: Backend) -> None:
+    import torch
+
+    x, _ = _inputs()
+    y = torch.tensor([1.5, -0.5], dtype=torch.float64)
+    _close(backend.hessian(lambda t: t.sin().sum())(x), torch.diag(-x.sin()), "hessian")
+    # f(a, b) = sum(a**2) * sum(b): blocks [[2 sum(b) I, 2a 1^T], [2 1 a^T, 0]].
+    blocks = backend.hessian(lambda a, b: (a**2).sum() * b.sum(), argnums=(0, 1))(x, y)
+    expected = (
+        (2 * y.sum() * torch.eye(3, dtype=x.dtype), (2 * x)[:, None].expand(3, 2)),
+        ((2 * x)[None, :].expand(2, 3), torch.zeros(2, 2, dtype=x.dtype)),
+    )
+    if not (isinstance(blocks, tuple) and all(isinstance(row, tuple) for row in blocks)):
+        raise AssertionError(
+            f"hessian(argnums=(0, 1)): expected a tuple of tuples, got {type(blocks).__name__}"
+        )
+    if [len(row) for row in blocks] != [2, 2]:
+        raise AssertionError("hessian(argnums=(0, 1)): expected 2 x 2 blocks")
+    for i in range(2):
+        for j in range(2):
+            _close(blocks[i][j], expected[i][j], f"hessian(argnums=(0, 1))[{i}][{j}]")
+
+
 #: Every probe, in report order: name -> what it checks.
 PROBES: Dict[str, _Probe] = {
     "custom_function": _Probe(
         "a setup_context-style autograd.Function with a vmap rule (ctx style "
         "before torch 2.0) under jacrev, vmap and vmap(jacrev)",
-        _probe_custom_function,
+        _with_tolerance(_probe_custom_function),
     ),
     "legacy_function": _Probe(
         "a ctx-style autograd.Function (forward(ctx, x)) under jacrev, vmap and vmap(jacrev)",
-        _probe_legacy_function,
+        _with_tolerance(_probe_legacy_function),
     ),
     "transforms": _Probe(
         "native composable transforms: vmap calls the function once for a "
         "whole batch, and vmap(jacrev) works",
-        _probe_transforms,
+        _with_tolerance(_probe_transforms),
     ),
     "higher_order": _Probe(
         "jacrev(jacrev(f)) gives the Hessian, without perturbation confusion",
-        _probe_higher_order,
+        _with_tolerance(_probe_higher_order),
     ),
     "chunk_size": _Probe(
         "jacrev and vmap accept chunk_size and give identical results",
-        _probe_chunk_size,
+        _with_tolerance(_probe_chunk_size),
     ),
     "randomness": _Probe(
         "vmap honours randomness='same', 'different' and 'error'",
-        _probe_randomness,
+        _with_tolerance(_probe_randomness),
+    ),
+    "forward_mode": _Probe(
+        "jvp and jacfwd of sin, and through a custom autograd.Function with a jvp rule "
+        "(setup_context style; ctx style before torch 2.0)",
+        _with_tolerance(_probe_forward_mode),
+    ),
+    "hessian": _Probe(
+        "hessian(f) gives the analytic Hessian, nested [i][j] for tuple argnums",
+        _with_tolerance(_probe_hessian),
     ),
 }

@@ -10,7 +10,10 @@ At the start of the session the backend is chosen with
 :func:`adbackends.use` and ``TAD_AD_BACKEND`` is set to the same name, so
 code under test and the subprocesses it starts use it; both are put back when
 the session ends. The backend, its origin and version appear in the report
-header, and the ``ad_backend`` fixture gives the backend object to tests.
+header, with the transforms of the family that the backend derives or
+lacks (see :meth:`adbackends.Backend.transforms`): ``adbackends.grad``,
+``hessian``, ``jvp`` and the rest run on the chosen backend like ``jacrev``
+and ``vmap``. The ``ad_backend`` fixture gives the backend object to tests.
 
 Without the option the plugin does nothing: it imports neither torch nor
 any backend.
@@ -96,10 +99,18 @@ def pytest_report_header(config: pytest.Config) -> List[str]:
     where = backend.origin
     if backend.distribution:
         where += f" from {backend.distribution}"
-    return [
+    lines = [
         f"adbackends: backend {backend.name!r} ({where}, version {backend.version}), "
         f"chosen by --ad-backend {name}"
     ]
+    # Transforms the backend does not implement itself: derived, or raising.
+    other = {t: how for t, how in backend.transforms().items() if how != "own"}
+    if other:
+        lines.append(
+            f"adbackends: contract {backend.contract}; "
+            + ", ".join(f"{t}: {how}" for t, how in other.items())
+        )
+    return lines
 
 
 @pytest.fixture

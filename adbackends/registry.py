@@ -42,7 +42,7 @@ import threading
 from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 from ._shared import check_capability_names, summarize_exception
-from .backend import CONTRACT_VERSION, Backend
+from .backend import CONTRACT_VERSION, CONTRACTS, Backend
 from .errors import BackendUnavailableError, PluginError, UnknownBackendError
 
 __all__ = ["AUTO", "BUILTINS", "ENTRY_POINT_GROUP", "REGISTRY", "Entry", "Registry"]
@@ -244,6 +244,8 @@ class Registry:
             hint = str(getattr(type(backend), "install_hint", "") or "")
             backend.load()
             _check_loaded(backend, entry)
+            if entry.origin != "built-in":
+                _note_derived(backend)
         except BackendUnavailableError:
             raise
         except (Exception, SystemExit) as exc:  # a plugin may even call sys.exit()
@@ -599,17 +601,35 @@ def _make_backend(obj: Any, entry: Entry) -> Backend:
 
 
 def _check_contract(contract: Any, entry: Entry) -> None:
-    if (
-        isinstance(contract, int)
-        and not isinstance(contract, bool)
-        and (contract == CONTRACT_VERSION)
-    ):
+    if isinstance(contract, int) and not isinstance(contract, bool) and contract in CONTRACTS:
         return
+    known = " and ".join(str(c) for c in CONTRACTS)
     raise TypeError(
         f"backend {entry.name!r} was written for backend contract {contract!r}, but "
-        f"this adbackends implements contract {CONTRACT_VERSION}; install a version of "
-        f"the plugin written for contract {CONTRACT_VERSION}, or an adbackends that "
-        f"implements contract {contract!r}"
+        f"this adbackends implements contracts {known}; install a version of the plugin "
+        f"written for contract {CONTRACT_VERSION}, or an adbackends that implements "
+        f"contract {contract!r}"
+    )
+
+
+def _note_derived(backend: Backend) -> None:
+    """Say once, at INFO, which transforms a plugin gets from the base class."""
+    ways = backend.transforms()
+    derived = [
+        f"{name} ({how[len('derived ') :]})"
+        for name, how in ways.items()
+        if how.startswith("derived")
+    ]
+    missing = [name for name, how in ways.items() if how == "missing"]
+    if not (derived or missing):
+        return
+    log.info(
+        "backend %r (contract %s) implements %s; derived: %s; missing (raise CapabilityError): %s",
+        backend.name,
+        backend.contract,
+        ", ".join(name for name, how in ways.items() if how == "own"),
+        ", ".join(derived) or "none",
+        ", ".join(missing) or "none",
     )
 
 

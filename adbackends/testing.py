@@ -4,7 +4,9 @@
 examples of the ``jacrev`` and ``vmap`` documentation (values, shapes, pytree
 structures, ``argnums``, ``has_aux``, ``in_dims``/``out_dims``, kwargs,
 ``chunk_size``, randomness, nesting, ``torch.no_grad`` inside and outside),
-the exception types raised for bad arguments, and every capability the
+the rest of the family (``grad``, ``grad_and_value``, ``vjp``, ``jvp``,
+``jacfwd``, ``hessian``, ``linearize`` and their compositions), the
+exception types raised for bad arguments, and every capability the
 backend claims in ``Backend.claims``. Values are compared with closed-form
 answers and with a reference backend (torch.func, or the loop backend where
 torch.func does not load), within stated tolerances; exception types are
@@ -17,8 +19,14 @@ from a plugin's own tests; and ``pytest --ad-backend NAME`` (the
 
 Values must agree to ``rtol=1e-7, atol=1e-10`` in float64 by default (exact
 backends agree to rounding). A backend that is approximate by design states
-its own tolerance as ``tolerance = (rtol, atol)``; the report prints the
+its own tolerance as ``tolerance = (rtol, atol)``; the kit, the capability
+probes and ``python -m adbackends`` all use it, and the report prints the
 tolerances used.
+
+A transform the backend neither implements nor gets derived (``vjp``,
+``jvp`` and ``linearize`` of a backend written for contract 1, see
+:meth:`adbackends.Backend.transforms`) is a skip with that reason, not a
+failure.
 
 A backend may declare, in ``limitations = {check: reason}``, that it cannot
 honour one of the few semantic checks listed in ``WAIVABLE`` (a finite
@@ -562,6 +570,210 @@ def _errors(c: _Context) -> None:
         raise AssertionError("; ".join(problems))
 
 
+# -- the rest of the family -----------------------------------------------------------
+
+
+def _needs(c: _Context, *transforms: str) -> None:
+    """Skip a check that uses a transform the backend does not have at all."""
+    ways = c.backend.transforms()
+    missing = [t for t in transforms if ways.get(t) == "missing"]
+    if missing:
+        raise _Skip(
+            f"backend {c.backend.name!r} (contract {c.backend.contract}) has no "
+            f"{', '.join(missing)}"
+        )
+
+
+def _grad(c: _Context) -> None:
+    torch = c.torch
+    x, y = c.randn(4), c.randn(4)
+
+    def f(a: Any, b: Any, scale: float = 1.0) -> Any:
+        return (a.sin() * b).sum() * scale
+
+    c.both("grad", lambda b: b.grad(f)(x, y), x.cos() * y)
+    c.both("grad(argnums=1) with a kwarg", lambda b: b.grad(f, 1)(x, y, scale=2.0), 2 * x.sin())
+    c.both("grad(argnums=(0, 1))", lambda b: b.grad(f, (0, 1))(x, y), (x.cos() * y, x.sin()))
+    c.both(
+        "grad_and_value",
+        lambda b: b.grad_and_value(f)(x, y),
+        (x.cos() * y, (x.sin() * y).sum()),
+    )
+
+    def g(a: Any) -> Any:
+        return (a**2).sum(), {"double": 2 * a}
+
+    c.both("grad(has_aux=True)", lambda b: b.grad(g, has_aux=True)(x), (2 * x, {"double": 2 * x}))
+    c.both(
+        "grad_and_value(has_aux=True)",
+        lambda b: b.grad_and_value(g, has_aux=True)(x),
+        (2 * x, ((x**2).sum(), {"double": 2 * x})),
+    )
+    with torch.no_grad():
+        out = c.both("grad under torch.no_grad", lambda b: b.grad(f)(x, y), x.cos() * y)
+    if out.requires_grad:
+        raise AssertionError("grad under torch.no_grad returned a tensor that requires grad")
+
+
+def _vjp(c: _Context) -> None:
+    _needs(c, "vjp")
+    x, y = c.randn(3), c.randn(3)
+    ct = c.randn(3)
+
+    def f(a: Any, b: Any) -> Any:
+        return a.sin() * b
+
+    def run(b: Backend) -> Any:
+        out, vjp_fn = b.vjp(f, x, y)
+        return out, vjp_fn(ct)
+
+    c.both("vjp", run, (x.sin() * y, (ct * x.cos() * y, ct * x.sin())))
+
+    def with_aux(b: Backend) -> Any:
+        out, vjp_fn, aux = b.vjp(lambda a: (a**2, a.cos()), x, has_aux=True)
+        return out, vjp_fn(ct), aux
+
+    c.both("vjp(has_aux=True)", with_aux, (x**2, (2 * x * ct,), x.cos()))
+
+
+def _jvp(c: _Context) -> None:
+    _needs(c, "jvp")
+    x, v = c.randn(3), c.randn(3)
+    c.both("jvp", lambda b: b.jvp(lambda a: a.sin(), (x,), (v,)), (x.sin(), x.cos() * v))
+    c.both(
+        "jvp with a tuple output, has_aux",
+        lambda b: b.jvp(lambda a: ((a**2, a.exp()), a.cos()), (x,), (v,), has_aux=True),
+        ((x**2, x.exp()), (2 * x * v, x.exp() * v), x.cos()),
+    )
+
+
+def _linearize(c: _Context) -> None:
+    _needs(c, "linearize")
+    x, v = c.randn(3), c.randn(3)
+
+    def run(b: Backend) -> Any:
+        out, jvp_fn = b.linearize(lambda a: a.sin() * a, x)
+        return out, jvp_fn(v), jvp_fn(2 * v)
+
+    d = x.cos() * x + x.sin()
+    c.both("linearize", run, (x.sin() * x, d * v, 2 * d * v))
+
+
+def _jacfwd(c: _Context) -> None:
+    torch = c.torch
+    x, y = c.randn(4), c.randn(4)
+    c.both("jacfwd(sin)", lambda b: b.jacfwd(torch.sin)(x), torch.diag(x.cos()))
+    c.both(
+        "jacfwd(argnums=(0, 1))",
+        lambda b: b.jacfwd(lambda a, w: a * w, (0, 1))(x, y),
+        (torch.diag(y), torch.diag(x)),
+    )
+    c.both(
+        "jacfwd(has_aux=True)",
+        lambda b: b.jacfwd(lambda a: (a**2, a.sum()), has_aux=True)(x),
+        (torch.diag(2 * x), x.sum()),
+    )
+
+
+def _hessian_transform(c: _Context) -> None:
+    torch = c.torch
+    x, y = c.randn(4), c.randn(2)
+    c.both("hessian", lambda b: b.hessian(lambda t: t.sin().sum())(x), torch.diag(-x.sin()))
+    eye = torch.eye(4, dtype=x.dtype)
+    c.both(
+        "hessian(argnums=(0, 1))",
+        lambda b: b.hessian(lambda a, w: (a**2).sum() * w.sum(), (0, 1))(x, y),
+        (
+            (2 * y.sum() * eye, (2 * x)[:, None].expand(4, 2)),
+            ((2 * x)[None, :].expand(2, 4), torch.zeros(2, 2, dtype=x.dtype)),
+        ),
+    )
+
+
+def _family_compositions(c: _Context) -> None:
+    torch = c.torch
+    xs = c.randn(3, 4)
+    x, v = xs[0], c.randn(4)
+
+    def energy(t: Any) -> Any:
+        return (t.sin() ** 2).sum()
+
+    d1 = 2 * xs.sin() * xs.cos()  # d/dx sin^2 = sin(2x)
+    d2 = 2 * (xs.cos() ** 2 - xs.sin() ** 2)  # = 2 cos(2x)
+    c.both("vmap(grad)", lambda b: b.vmap(b.grad(energy))(xs), d1)
+    c.both(
+        "grad(grad)",
+        lambda b: b.grad(lambda t: b.grad(energy)(t).sum())(x),
+        d2[0],
+    )
+    c.both("vmap(hessian)", lambda b: b.vmap(b.hessian(energy))(xs), torch.diag_embed(d2))
+    c.both("jacfwd(jacrev)", lambda b: b.jacfwd(b.jacrev(energy))(x), torch.diag(d2[0]))
+    if c.backend.transforms().get("jvp") != "missing":
+        c.both(
+            "jacrev(jvp)",
+            lambda b: b.jacrev(lambda t: b.jvp(energy, (t,), (v,))[1])(x),
+            d2[0] * v,
+        )
+
+
+def _family_errors(c: _Context) -> None:
+    torch = c.torch
+    x, y = c.randn(3), c.randn(3)
+    cases: List[Tuple[str, Tuple[str, ...], Callable[[Backend], Any]]] = [
+        ("grad of a non-scalar", (), lambda b: b.grad(torch.sin)(x)),
+        ("grad of a non-tensor", (), lambda b: b.grad(lambda t: 1.0)(x)),
+        ("grad has_aux without a pair", (), lambda b: b.grad(lambda t: t.sum(), has_aux=True)(x)),
+        ("grad argnums out of range", (), lambda b: b.grad(lambda t: t.sum(), 1)(x)),
+        ("grad repeated argnums", (), lambda b: b.grad(lambda s, t: (s * t).sum(), (0, 0))(x, y)),
+        (
+            "grad_and_value empty argnums",
+            (),
+            lambda b: b.grad_and_value(lambda s, t: (s * t).sum(), ())(x, y),
+        ),
+        ("jacfwd argnums out of range", (), lambda b: b.jacfwd(torch.sin, 2)(x)),
+        ("jacfwd bad randomness", (), lambda b: b.jacfwd(torch.sin, randomness="often")(x)),
+        ("hessian argnums not an int", (), lambda b: b.hessian(torch.sin, 0.0)(x)),  # type: ignore[arg-type]
+        ("vjp has_aux without a pair", ("vjp",), lambda b: b.vjp(torch.sin, x, has_aux=True)),
+        (
+            "vjp_fn with a mis-shaped cotangent",
+            ("vjp",),
+            lambda b: b.vjp(torch.sin, x)[1](c.randn(4)),
+        ),
+        ("jvp strict=True", ("jvp",), lambda b: b.jvp(torch.sin, (x,), (y,), strict=True)),
+        ("jvp primals not a tuple", ("jvp",), lambda b: b.jvp(torch.sin, x, (y,))),
+        ("jvp mismatched tangent shape", ("jvp",), lambda b: b.jvp(torch.sin, (x,), (c.randn(4),))),
+        (
+            "jvp mismatched tangent structure",
+            ("jvp",),
+            lambda b: b.jvp(torch.add, (x, y), (y,)),
+        ),
+        ("jvp non-tensor output", ("jvp",), lambda b: b.jvp(lambda t: 1.0, (x,), (y,))),
+        (
+            "jvp has_aux without a pair",
+            ("jvp",),
+            lambda b: b.jvp(torch.sin, (x,), (y,), has_aux=True),
+        ),
+        (
+            "linearize jvp_fn with a mis-shaped tangent",
+            ("linearize",),
+            lambda b: b.linearize(torch.sin, x)[1](c.randn(4)),
+        ),
+    ]
+    ways = c.backend.transforms()
+    problems = []
+    for what, uses, run in cases:
+        if any(ways.get(t) == "missing" for t in uses):
+            continue
+        try:
+            c.raises_like_reference(what, run)
+        except AssertionError as exc:
+            problems.append(str(exc))
+        except _Skip:
+            pass
+    if problems:
+        raise AssertionError("; ".join(problems))
+
+
 def _dtype(c: _Context) -> None:
     x = c.randn(4).float()
     c.both("float32 jacrev", lambda b: b.jacrev(c.torch.sin)(x), c.torch.diag(x.cos()))
@@ -606,6 +818,26 @@ CHECKS: Dict[str, Tuple[str, Callable[[_Context], None], Optional[str]]] = {
     ),
     "vmap_jacrev": ("vmap(jacrev(f)) gives batched Jacobians", _vmap_jacrev, None),
     "errors": ("bad arguments raise torch.func's exception types", _errors, None),
+    "grad": ("grad and grad_and_value: argnums, kwargs, has_aux, no_grad", _grad, None),
+    "vjp": ("vjp and its vjp_fn, with has_aux", _vjp, None),
+    "jvp": ("jvp of tensors and tuples, with has_aux", _jvp, "forward_mode"),
+    "jacfwd": ("jacfwd with argnums and has_aux", _jacfwd, "forward_mode"),
+    "hessian_transform": (
+        "hessian, nested [i][j] for tuple argnums",
+        _hessian_transform,
+        "hessian",
+    ),
+    "linearize": ("linearize: one output, repeated products", _linearize, "forward_mode"),
+    "family_compositions": (
+        "vmap(grad), grad(grad), vmap(hessian), jacfwd(jacrev), jacrev(jvp)",
+        _family_compositions,
+        "higher_order",
+    ),
+    "family_errors": (
+        "bad arguments to grad, vjp, jvp, jacfwd, hessian, linearize raise torch.func's types",
+        _family_errors,
+        None,
+    ),
     "dtype": ("float32 in, float32 out", _dtype, None),
 }
 

@@ -1,10 +1,15 @@
-"""The public transforms: ``jacrev``, ``vmap``, ``fjacrev`` and ``fvmap``.
+"""The public transforms: torch.func's family, plus ``fjacrev`` and ``fvmap``.
 
-Each is a thin function with torch.func's exact signature that hands over to
-the active backend (see :func:`adbackends.current`). The backend is looked up
-when the transform is created, so ``adbackends.jacrev(f)`` built inside
-``with adbackends.using("loop"):`` keeps using the loop backend when it is
-called later.
+``jacrev``, ``vmap``, ``grad``, ``grad_and_value``, ``vjp``, ``jvp``,
+``jacfwd``, ``hessian`` and ``linearize`` are thin functions with
+torch.func's exact signatures that hand over to the active backend (see
+:func:`adbackends.current`). The backend is looked up when the transform is
+created, so ``adbackends.jacrev(f)`` built inside ``with
+adbackends.using("loop"):`` keeps using the loop backend when it is called
+later. ``vjp``, ``jvp`` and ``linearize`` compute at once, on the backend
+active at the call.
+
+The one setting here is :data:`hessian_strategy`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,29 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 from .selection import _choose
 
-__all__ = ["fjacrev", "fvmap", "jacrev", "vmap"]
+__all__ = [
+    "fjacrev",
+    "fvmap",
+    "grad",
+    "grad_and_value",
+    "hessian",
+    "hessian_strategy",
+    "jacfwd",
+    "jacrev",
+    "jvp",
+    "linearize",
+    "vjp",
+    "vmap",
+]
+
+#: How the native backends (torch.func, functorch) compute :func:`hessian`:
+#: ``"reverse"`` (``jacrev(jacrev(f))``, the default: faster on CPU at every
+#: size measured, and it needs no forward-mode rules) or ``"forward"``
+#: (``torch.func.hessian``, ``jacfwd(jacrev(f))``). ``None`` defers to the
+#: environment variable ``TAD_AD_HESSIAN``, then to ``"reverse"``. Read when
+#: a Hessian is built; results are the same either way. The loop backend is
+#: always reverse over reverse.
+hessian_strategy: Optional[str] = None
 
 
 def jacrev(
@@ -176,3 +203,259 @@ def fvmap(
     tensor([3., 3.])
     """
     return _choose().backend.fvmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
+
+
+def grad(
+    func: Callable[..., Any], argnums: Union[int, Tuple[int, ...]] = 0, has_aux: bool = False
+) -> Callable[..., Any]:
+    """Gradient of a scalar-valued ``func``, on the active backend.
+
+    Parameters
+    ----------
+    func : callable
+        Returns a 0-dim tensor, or ``(tensor, aux)`` with ``has_aux``.
+    argnums : int or tuple of int
+        The positional argument(s) to differentiate with respect to; a tuple
+        gives a tuple of gradients. Default 0.
+    has_aux : bool
+        ``func`` returns ``(output, aux)``; ``aux`` is returned beside the
+        gradient and not differentiated.
+
+    Returns
+    -------
+    callable
+        Takes ``func``'s arguments (keyword arguments are passed through and
+        not differentiated) and returns the gradient, shaped like the
+        argument, or ``(gradient, aux)``.
+
+    Raises
+    ------
+    RuntimeError
+        When ``func`` returns something other than a scalar tensor, or not a
+        pair with ``has_aux``, or for a bad ``argnums`` (torch.func's types).
+
+    Examples
+    --------
+    >>> import torch, adbackends
+    >>> x = torch.tensor([0.0, 1.0, 2.0])
+    >>> adbackends.grad(lambda t: (t**2).sum())(x)
+    tensor([0., 2., 4.])
+
+    Composed, it gives higher derivatives:
+
+    >>> adbackends.grad(adbackends.grad(torch.sin))(torch.tensor(0.0))
+    tensor(-0.)
+    """
+    return _choose().backend.grad(func, argnums, has_aux)
+
+
+def grad_and_value(
+    func: Callable[..., Any], argnums: Union[int, Tuple[int, ...]] = 0, has_aux: bool = False
+) -> Callable[..., Any]:
+    """Gradient and value of a scalar-valued ``func``, on the active backend.
+
+    Same parameters as :func:`grad`.
+
+    Returns
+    -------
+    callable
+        Returns ``(gradient, value)``, or ``(gradient, (value, aux))`` with
+        ``has_aux``.
+
+    Examples
+    --------
+    >>> import torch, adbackends
+    >>> g, value = adbackends.grad_and_value(lambda t: (t**2).sum())(torch.tensor([1.0, 2.0]))
+    >>> g, value
+    (tensor([2., 4.]), tensor(5.))
+    """
+    return _choose().backend.grad_and_value(func, argnums, has_aux)
+
+
+def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:
+    """Output of ``func`` at ``primals`` and its vector-Jacobian product function.
+
+    Runs ``func`` now, on the active backend.
+
+    Parameters
+    ----------
+    func : callable
+        Called as ``func(*primals)``; returns a tensor or a pytree of them.
+    *primals : pytrees of tensors
+        The point.
+    has_aux : bool
+        ``func`` returns ``(output, aux)``.
+
+    Returns
+    -------
+    tuple
+        ``(output, vjp_fn)`` or ``(output, vjp_fn, aux)``. ``vjp_fn(cotangents)``
+        takes cotangents shaped like ``output`` and returns a tuple with one
+        product per primal.
+
+    Examples
+    --------
+    >>> import torch, adbackends
+    >>> x = torch.tensor([0.0, 1.0])
+    >>> out, vjp_fn = adbackends.vjp(lambda t: t**2, x)
+    >>> vjp_fn(torch.ones(2))
+    (tensor([0., 2.]),)
+    """
+    return _choose().backend.vjp(func, *primals, has_aux=has_aux)
+
+
+def jvp(
+    func: Callable[..., Any],
+    primals: Any,
+    tangents: Any,
+    *,
+    strict: bool = False,
+    has_aux: bool = False,
+) -> Any:
+    """Output of ``func`` at ``primals`` and its Jacobian-vector product with ``tangents``.
+
+    Runs ``func`` now, on the active backend. The loop backend computes the
+    product with two reverse passes, so it runs through custom Functions
+    that define only ``backward``.
+
+    Parameters
+    ----------
+    func : callable
+        Called as ``func(*primals)``; returns a tensor or a pytree of them.
+    primals : tuple of pytrees of tensors
+        The point.
+    tangents : tuple of pytrees of tensors
+        The direction, with the structure, shapes and dtypes of ``primals``.
+    strict : bool
+        Raise ``RuntimeError`` when an output does not depend on the primals.
+    has_aux : bool
+        ``func`` returns ``(output, aux)``.
+
+    Returns
+    -------
+    tuple
+        ``(output, jvp_out)`` or ``(output, jvp_out, aux)``.
+
+    Raises
+    ------
+    RuntimeError
+        For tangents whose structure or shapes differ from the primals', for
+        ``primals``/``tangents`` that are not tuples, and with ``strict=True``
+        (torch.func's types).
+
+    Examples
+    --------
+    >>> import torch, adbackends
+    >>> x = torch.tensor([0.0, 1.0])
+    >>> out, tangent = adbackends.jvp(lambda t: t**2, (x,), (torch.ones(2),))
+    >>> tangent
+    tensor([0., 2.])
+    """
+    return _choose().backend.jvp(func, primals, tangents, strict=strict, has_aux=has_aux)
+
+
+def jacfwd(
+    func: Callable[..., Any],
+    argnums: Union[int, Tuple[int, ...]] = 0,
+    has_aux: bool = False,
+    *,
+    randomness: str = "error",
+) -> Callable[..., Any]:
+    """Jacobian of ``func`` by forward-mode autodiff, on the active backend.
+
+    Parameters
+    ----------
+    func : callable
+        Takes positional arguments and returns a tensor or a pytree of them.
+    argnums : int or tuple of int
+        The argument(s) to differentiate; a tuple gives a tuple of Jacobians.
+    has_aux : bool
+        ``func`` returns ``(output, aux)``; the result is ``(jacobian, aux)``.
+    randomness : {"error", "different", "same"}
+        What random operations in ``func`` do, as for :func:`vmap`.
+
+    Returns
+    -------
+    callable
+        Returns the Jacobian, shaped ``output.shape + input.shape``, equal
+        to :func:`jacrev`'s.
+
+    Examples
+    --------
+    >>> import torch, adbackends
+    >>> x = torch.tensor([0.0, 1.0, 2.0])
+    >>> jac = adbackends.jacfwd(torch.sin)(x)
+    >>> torch.allclose(jac, torch.diag(x.cos()))
+    True
+    """
+    return _choose().backend.jacfwd(func, argnums, has_aux, randomness=randomness)
+
+
+def hessian(
+    func: Callable[..., Any], argnums: Union[int, Tuple[int, ...]] = 0
+) -> Callable[..., Any]:
+    """Hessian of ``func``, on the active backend.
+
+    torch.func's result (values, shapes, structure, dtype), computed by
+    default as ``jacrev(jacrev(func))``, which is faster on CPU than
+    forward over reverse and works through custom Functions without a jvp
+    rule; see :data:`adbackends.transforms.hessian_strategy`.
+
+    Parameters
+    ----------
+    func : callable
+        Takes positional arguments and returns a tensor or a pytree of them.
+    argnums : int or tuple of int
+        The argument(s) to differentiate twice; a tuple gives a nested tuple
+        ``[i][j]`` of blocks.
+
+    Returns
+    -------
+    callable
+        Returns the Hessian, shaped ``output.shape + input.shape +
+        input.shape``.
+
+    Examples
+    --------
+    >>> import torch, adbackends
+    >>> x = torch.tensor([1.0, 2.0])
+    >>> adbackends.hessian(lambda t: (t**3).sum())(x)
+    tensor([[ 6.,  0.],
+            [ 0., 12.]])
+
+    Batched Hessians compose with :func:`vmap`:
+
+    >>> adbackends.vmap(adbackends.hessian(lambda t: (t**3).sum()))(torch.ones(4, 2)).shape
+    torch.Size([4, 2, 2])
+    """
+    return _choose().backend.hessian(func, argnums)
+
+
+def linearize(func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
+    """Output of ``func`` at ``primals`` and a function for its Jacobian-vector products.
+
+    Runs ``func`` now, on the active backend. ``jvp_fn`` reuses what was
+    recorded, so many products at one point cost less than many
+    :func:`jvp` calls.
+
+    Parameters
+    ----------
+    func : callable
+        Called as ``func(*primals)``.
+    *primals : pytrees of tensors
+        The point.
+
+    Returns
+    -------
+    tuple
+        ``(output, jvp_fn)``; ``jvp_fn(*tangents)`` returns the product,
+        shaped like ``output``.
+
+    Examples
+    --------
+    >>> import torch, adbackends
+    >>> out, jvp_fn = adbackends.linearize(torch.sin, torch.zeros(2))
+    >>> jvp_fn(torch.tensor([1.0, 2.0]))
+    tensor([1., 2.])
+    """
+    return _choose().backend.linearize(func, *primals)

@@ -42,6 +42,8 @@ _NATIVE_NEW = {  # torch.func, and functorch on torch >= 2.0 (the same machinery
     "higher_order": True,
     "chunk_size": True,
     "randomness": True,
+    "forward_mode": True,
+    "hessian": True,
 }
 _NATIVE_OLD = {  # functorch 0.2 and the copy in torch 1.13
     "custom_function": False,  # every autograd.Function is refused
@@ -50,6 +52,11 @@ _NATIVE_OLD = {  # functorch 0.2 and the copy in torch 1.13
     "higher_order": True,
     "chunk_size": True,  # native on 1.13, emulated on 0.2
     "randomness": True,
+    # jvp/jacfwd of plain functions work, but the probe's Function with a jvp
+    # rule (ctx style: the only style before torch 2.0) is refused, as every
+    # Function is (see custom_function).
+    "forward_mode": False,
+    "hessian": True,
 }
 _LOOP = {
     "custom_function": True,
@@ -58,6 +65,8 @@ _LOOP = {
     "higher_order": True,
     "chunk_size": True,
     "randomness": True,
+    "forward_mode": True,  # two reverse passes, through the Function's backward
+    "hessian": True,
 }
 
 

@@ -449,7 +449,7 @@ def test_pytest_option_accepts_a_chain(tmp_path: Any) -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "adbackends: backend 'torch.func>loop' (chain" in out.stdout
-    assert "1 passed" in out.stdout
+    assert "2 passed" in out.stdout
 
 
 def test_conformance_kit_accepts_a_chain() -> None:

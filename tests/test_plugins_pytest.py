@@ -27,6 +27,15 @@ def test_runs_under_the_chosen_backend(ad_backend):
     assert adbackends.current().name == {name!r}
     assert adbackends.explain().source == "use"
     assert os.environ["TAD_AD_BACKEND"] == {name!r}
+
+
+def test_the_family_runs_on_the_chosen_backend(ad_backend):
+    import torch
+
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    hess = adbackends.hessian(lambda t: (t**3).sum())(x)
+    assert torch.allclose(hess, torch.diag(6 * x), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(adbackends.grad(lambda t: (t**2).sum())(x), 2 * x, rtol=1e-4)
 """
 
 UNTOUCHED = """
@@ -62,7 +71,7 @@ def run_pytest(tmp_path: Path, source: str, *args: str) -> subprocess.CompletedP
     )
 
 
-@pytest.mark.parametrize("name", ["loop", "autograd.functional"])
+@pytest.mark.parametrize("name", ["loop", "autograd.functional", "finite-difference"])
 def test_ad_backend_option_runs_the_suite_under_the_backend(tmp_path: Path, name: str) -> None:
     if name not in REGISTRY.names():
         pytest.skip(f"{name} is not installed here")
@@ -74,7 +83,16 @@ def test_ad_backend_option_runs_the_suite_under_the_backend(tmp_path: Path, name
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"adbackends: backend {name!r} ({origin}" in out.stdout
     assert f"chosen by --ad-backend {name}" in out.stdout
-    assert "1 passed" in out.stdout
+    assert "2 passed" in out.stdout
+
+
+def test_header_says_what_a_plugin_derives(tmp_path: Path) -> None:
+    name = "finite-difference"
+    if name not in REGISTRY.names() or REGISTRY.failure(name) is not None:
+        pytest.skip(f"{name} is not installed here")
+    out = run_pytest(tmp_path, SUITE.format(name=name), "--ad-backend", name)
+    assert "adbackends: contract 1; grad: derived from jacrev" in out.stdout
+    assert "vjp: missing" in out.stdout
 
 
 def test_unknown_backend_is_a_usage_error_with_a_suggestion(tmp_path: Path) -> None:

@@ -21,6 +21,15 @@ backend to use instead.
 On torch >= 2.0, ``functorch.jacrev`` and ``functorch.vmap`` are deprecated
 wrappers that warn on every call. This backend shows one FutureWarning per
 process instead and calls the implementation behind the wrapper directly.
+
+The rest of the family (``grad``, ``grad_and_value``, ``vjp``, ``jvp``,
+``jacfwd``, ``hessian``, ``linearize``) is functorch's own where the installed
+copy has it. functorch 0.2 and torch 1.13 have all but ``linearize``, which
+only the torch >= 2.0 implementation behind the deprecated wrappers has;
+``jacfwd(randomness=...)`` is missing from old copies. What is missing raises
+:class:`adbackends.CapabilityError` naming it, the installed version and the
+backends that have it. ``hessian`` follows the strategy of
+:mod:`adbackends.backends._hessian` (reverse over reverse by default).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from .._shared import ArgNums, external_stacklevel, normalize_argnums
 from ..backend import Backend, Refusal
 from ..errors import CapabilityError
 from ..selection import alternatives
+from . import _hessian
 from ._functorch_chunks import check_chunk_size, chunked_jacrev, chunked_vmap
 from ._native_refusals import classify
 
@@ -50,6 +60,17 @@ _REFUSALS: Tuple[Tuple[str, str], ...] = (
     # functorch 0.2 and torch 1.13: every Function, whatever its inputs
     ("do not support the use of autograd.Function", "custom_function"),
 )
+
+#: The rest of the family, and the probe whose backends are named as alternatives.
+_FAMILY: Dict[str, str] = {
+    "grad": "higher_order",
+    "grad_and_value": "higher_order",
+    "vjp": "higher_order",
+    "jvp": "forward_mode",
+    "jacfwd": "forward_mode",
+    "hessian": "hessian",
+    "linearize": "forward_mode",
+}
 
 
 class FunctorchBackend(Backend):
@@ -83,6 +104,20 @@ class FunctorchBackend(Backend):
         self._vjp, _ = _undeprecated(functorch.vjp)
         self._jacrev_params = _parameters(self._jacrev)
         self._vmap_params = _parameters(self._vmap)
+        self._family: Dict[str, Callable[..., Any]] = {}
+        for api in _FAMILY:
+            found = getattr(functorch, api, None)
+            if found is not None:
+                self._family[api] = _undeprecated(found)[0]
+            elif self._deprecated:
+                # torch >= 2.0: the implementation behind the deprecated
+                # wrappers has it even where functorch does not export it.
+                import torch.func
+
+                native = getattr(torch.func, api, None)
+                if native is not None:
+                    self._family[api] = native
+        self._family_params = {api: _parameters(fn) for api, fn in self._family.items()}
 
     @property
     def version(self) -> str:
@@ -160,6 +195,85 @@ class FunctorchBackend(Backend):
             kwargs["chunk_size"] = chunk_size
         return self._refusing(self._vmap(func, in_dims, out_dims, **kwargs))
 
+    def grad(
+        self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
+        native = self._api("grad", has_aux=has_aux)
+        return self._refusing(_counted(lambda f, n: native(f, n, has_aux=has_aux), func, argnums))
+
+    def grad_and_value(
+        self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
+        native = self._api("grad_and_value", has_aux=has_aux)
+        return self._refusing(_counted(lambda f, n: native(f, n, has_aux=has_aux), func, argnums))
+
+    def vjp(self, func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:
+        native = self._api("vjp", has_aux=has_aux)
+        kwargs = {"has_aux": True} if has_aux else {}
+        return self._refusing(native)(func, *primals, **kwargs)
+
+    def jvp(
+        self,
+        func: Callable[..., Any],
+        primals: Any,
+        tangents: Any,
+        *,
+        strict: bool = False,
+        has_aux: bool = False,
+    ) -> Any:
+        native = self._api("jvp", strict=strict, has_aux=has_aux)
+        kwargs = {"strict": True} if strict else {}
+        if has_aux:
+            kwargs["has_aux"] = True
+        return self._refusing(native)(func, primals, tangents, **kwargs)
+
+    def jacfwd(
+        self,
+        func: Callable[..., Any],
+        argnums: ArgNums = 0,
+        has_aux: bool = False,
+        *,
+        randomness: str = "error",
+    ) -> Callable[..., Any]:
+        native = self._api("jacfwd", has_aux=has_aux)
+        kwargs: Dict[str, Any] = {"has_aux": has_aux} if has_aux else {}
+        if randomness != "error":
+            self._require(self._family_params["jacfwd"], "jacfwd", "randomness", "randomness")
+        if self._knows(self._family_params["jacfwd"], "randomness"):
+            kwargs["randomness"] = randomness
+        return self._refusing(_counted(lambda f, n: native(f, n, **kwargs), func, argnums))
+
+    def hessian(self, func: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
+        forward = self._api("hessian")
+        jacrev = self._jacrev
+        name = self.name
+        return self._refusing(
+            _counted(lambda f, n: _hessian.build(name, jacrev, forward, f, n), func, argnums)
+        )
+
+    def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
+        native = self._api("linearize")
+        return self._refusing(native)(func, *primals)  # type: ignore[no-any-return]
+
+    def _api(self, api: str, **flags: bool) -> Callable[..., Any]:
+        """functorch's ``api``, or a CapabilityError naming what is missing."""
+        if self._deprecated:
+            _warn_once()
+        native = self._family.get(api)
+        if native is None:
+            probe = _FAMILY[api]
+            raise CapabilityError(
+                self.name,
+                api,
+                f"functorch {self.version} has no {api}",
+                alternatives(probe, (self.name,)),
+                detail=f"functorch.{api}",
+            )
+        for flag, value in flags.items():
+            if value:
+                self._require(self._family_params[api], api, flag, _FAMILY[api])
+        return native
+
     def cannot_transform(self, exc: BaseException) -> Optional[Refusal]:
         if isinstance(exc, CapabilityError) and exc.backend == self.name:
             # Its own refusal of an autograd.Function (see _refusing); the
@@ -230,6 +344,28 @@ class FunctorchBackend(Backend):
 
 
 # -- argnums ---------------------------------------------------------------------
+
+
+def _counted(
+    build: Callable[[Callable[..., Any], ArgNums], Callable[..., Any]],
+    func: Callable[..., Any],
+    argnums: ArgNums,
+) -> Callable[..., Any]:
+    """``build(func, argnums)``, with negative ``argnums`` counted from the front.
+
+    functorch 0.2 silently returns zeros for a negative argnums; the
+    positions are made non-negative once the number of arguments is known.
+    """
+    if not _negative(argnums):
+        return build(func, argnums)
+
+    @functools.wraps(func)
+    def transformed(*args: Any, **kwargs: Any) -> Any:
+        positions = normalize_argnums(argnums, len(args))
+        nums = positions if isinstance(argnums, tuple) else positions[0]
+        return build(func, nums)(*args, **kwargs)
+
+    return transformed
 
 
 def _negative(argnums: Any) -> bool:

@@ -6,8 +6,11 @@ reproduces torch.func's results, shapes, pytree structures, differentiability
 and exception types; it is simply slower for large batches, since it handles
 one Jacobian row or one batch element at a time.
 
-``jacrev`` lives in :mod:`adbackends.backends._loop_jacrev` and ``vmap`` in
-:mod:`adbackends.backends._loop_vmap`; this module is the backend object.
+``jacrev`` lives in :mod:`adbackends.backends._loop_jacrev`, ``vmap`` in
+:mod:`adbackends.backends._loop_vmap` and the rest of the family (``grad``,
+``grad_and_value``, ``vjp``, ``jvp``, ``jacfwd``, ``hessian``,
+``linearize``) in :mod:`adbackends.backends._loop_family`, from reverse mode
+only; this module is the backend object.
 
 Where a loop cannot behave exactly like torch.func:
 
@@ -30,14 +33,27 @@ Where a loop cannot behave exactly like torch.func:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 from .._shared import ArgNums
 from ..backend import Backend
+from . import _loop_family as family
+from ._loop_family import grad, grad_and_value, hessian, jacfwd, jvp, linearize, vjp
 from ._loop_jacrev import jacrev
 from ._loop_vmap import vmap
 
-__all__ = ["LoopBackend", "jacrev", "vmap"]
+__all__ = [
+    "LoopBackend",
+    "grad",
+    "grad_and_value",
+    "hessian",
+    "jacfwd",
+    "jacrev",
+    "jvp",
+    "linearize",
+    "vjp",
+    "vmap",
+]
 
 
 class LoopBackend(Backend):
@@ -85,3 +101,43 @@ class LoopBackend(Backend):
         chunk_size: Optional[int] = None,
     ) -> Callable[..., Any]:
         return vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
+
+    def grad(
+        self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
+        return family.grad(func, argnums, has_aux)
+
+    def grad_and_value(
+        self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
+        return family.grad_and_value(func, argnums, has_aux)
+
+    def vjp(self, func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:
+        return family.vjp(func, *primals, has_aux=has_aux)
+
+    def jvp(
+        self,
+        func: Callable[..., Any],
+        primals: Any,
+        tangents: Any,
+        *,
+        strict: bool = False,
+        has_aux: bool = False,
+    ) -> Any:
+        return family.jvp(func, primals, tangents, strict=strict, has_aux=has_aux)
+
+    def jacfwd(
+        self,
+        func: Callable[..., Any],
+        argnums: ArgNums = 0,
+        has_aux: bool = False,
+        *,
+        randomness: str = "error",
+    ) -> Callable[..., Any]:
+        return family.jacfwd(func, argnums, has_aux, randomness=randomness)
+
+    def hessian(self, func: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
+        return family.hessian(func, argnums)
+
+    def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
+        return family.linearize(func, *primals)

@@ -1,18 +1,25 @@
-"""The ``torch.func`` backend: PyTorch's own composable transforms (torch >= 2.0)."""
+"""The ``torch.func`` backend: PyTorch's own composable transforms (torch >= 2.0).
+
+Every transform is torch.func's, passed through unchanged, except
+``hessian``: by default it is ``jacrev(jacrev(f))`` rather than
+``torch.func.hessian``'s ``jacfwd(jacrev(f))``, with the same result; see
+:mod:`adbackends.backends._hessian` for why and how to choose.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 from .._shared import ArgNums
 from ..backend import Backend, Refusal
+from . import _hessian
 from ._native_refusals import classify
 
 __all__ = ["TorchFuncBackend"]
 
 
 class TorchFuncBackend(Backend):
-    """``torch.func.jacrev`` and ``torch.func.vmap``, passed through unchanged."""
+    """torch.func's transforms, passed through unchanged (``hessian`` by strategy)."""
 
     name = "torch.func"
     install_hint = "torch.func ships with torch >= 2.0: pip install 'torch>=2.0'"
@@ -55,6 +62,46 @@ class TorchFuncBackend(Backend):
         chunk_size: Optional[int] = None,
     ) -> Callable[..., Any]:
         return self._func.vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
+
+    def grad(
+        self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
+        return self._func.grad(func, argnums, has_aux)
+
+    def grad_and_value(
+        self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
+        return self._func.grad_and_value(func, argnums, has_aux)
+
+    def vjp(self, func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:
+        return self._func.vjp(func, *primals, has_aux=has_aux)
+
+    def jvp(
+        self,
+        func: Callable[..., Any],
+        primals: Any,
+        tangents: Any,
+        *,
+        strict: bool = False,
+        has_aux: bool = False,
+    ) -> Any:
+        return self._func.jvp(func, primals, tangents, strict=strict, has_aux=has_aux)
+
+    def jacfwd(
+        self,
+        func: Callable[..., Any],
+        argnums: ArgNums = 0,
+        has_aux: bool = False,
+        *,
+        randomness: str = "error",
+    ) -> Callable[..., Any]:
+        return self._func.jacfwd(func, argnums, has_aux, randomness=randomness)
+
+    def hessian(self, func: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
+        return _hessian.build(self.name, self._func.jacrev, self._func.hessian, func, argnums)
+
+    def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
+        return self._func.linearize(func, *primals)
 
     def cannot_transform(self, exc: BaseException) -> Optional[Refusal]:
         return classify(exc)

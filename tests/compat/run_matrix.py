@@ -49,6 +49,8 @@ CAPABILITIES = (
     "higher_order",
     "chunk_size",
     "randomness",
+    "forward_mode",
+    "hessian",
 )
 YES, NO = "\u2713", "\u2717"
 

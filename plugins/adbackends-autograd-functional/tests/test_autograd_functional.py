@@ -143,3 +143,44 @@ def test_differentiable_through_closed_over_parameters(backend: adbackends.Backe
     (grad,) = torch.autograd.grad(jac.sum(), w)
     assert torch.allclose(grad, 4 * w.detach() * x)
     assert not backend.jacrev(torch.sin)(x).requires_grad
+
+
+def test_implements_contract_2(backend: adbackends.Backend) -> None:
+    assert backend.contract == 2
+    ways = backend.transforms()
+    assert {t: ways[t] for t in ("vjp", "jvp", "linearize")} == dict.fromkeys(
+        ("vjp", "jvp", "linearize"), "own"
+    )
+    assert ways["hessian"].startswith("derived from jacrev")
+    assert ways["grad"] == ways["grad_and_value"] == ways["jacfwd"] == "derived from jacrev"
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacfwd", "hessian", "vjp", "jvp", "linearize"])
+def test_family_matches_the_reference(
+    backend: adbackends.Backend, reference: adbackends.Backend, transform: str
+) -> None:
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, generator=gen, dtype=torch.float64)
+    v = torch.randn(3, generator=gen, dtype=torch.float64)
+
+    def f(a: Any) -> Any:
+        return (a.sin() ** 2).sum() * a.exp()
+
+    def scalar(a: Any) -> Any:
+        return f(a).sum()
+
+    runs = {
+        "grad": lambda b: b.grad(scalar)(x),
+        "jacfwd": lambda b: b.jacfwd(f)(x),
+        "hessian": lambda b: b.hessian(scalar)(x),
+        "vjp": lambda b: (lambda out, fn: (out, fn(v)))(*b.vjp(f, x)),
+        "jvp": lambda b: b.jvp(f, (x,), (v,)),
+        "linearize": lambda b: (lambda out, fn: (out, fn(v)))(*b.linearize(f, x)),
+    }
+    got_leaves, got_spec = torch.utils._pytree.tree_flatten(runs[transform](backend))
+    want_leaves, want_spec = torch.utils._pytree.tree_flatten(runs[transform](reference))
+    assert got_spec == want_spec
+    for g, w in zip(got_leaves, want_leaves):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert g.requires_grad == w.requires_grad
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)

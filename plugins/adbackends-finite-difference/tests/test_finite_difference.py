@@ -50,13 +50,59 @@ def test_passes_the_kit_within_its_stated_tolerance(backend: adbackends.Backend)
     assert "no_grad" in waived["jacrev_inner_no_grad"]
 
 
-def test_is_honestly_not_exact(backend: adbackends.Backend) -> None:
-    # The probes demand exact answers; an approximate method does not give them.
-    assert not backend.supports("higher_order")
-    assert "wrong values" in str(backend.supports("higher_order").reason)
+def test_probes_use_its_stated_tolerance(backend: adbackends.Backend) -> None:
+    # Probes, kit and report compare an approximate backend within its tolerance:
+    # what it can do, it does to that precision.
+    from adbackends.probes import tolerance_of
+
+    assert tolerance_of(backend) == plugin.FiniteDifferenceBackend.tolerance
+    for capability in ("higher_order", "custom_function", "hessian"):
+        assert backend.supports(capability), backend.supports(capability).reason
     assert not getattr(backend, "claims", ())
-    # ... and it is never picked where custom_function is required.
+    # It is used only when chosen by name.
     assert adbackends.current().name != NAME
+
+
+def test_written_for_contract_1(backend: adbackends.Backend) -> None:
+    assert backend.contract == 1
+    ways = backend.transforms()
+    assert ways["grad"] == ways["jacfwd"] == "derived from jacrev"
+    assert ways["hessian"].startswith("derived from jacrev")
+    assert [t for t, how in ways.items() if how == "missing"] == ["vjp", "jvp", "linearize"]
+    # No forward-mode products: the probe says so, with what is missing.
+    support = backend.supports("forward_mode")
+    assert not support and "jvp" in str(support.reason)
+    x = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(adbackends.CapabilityError, match="finite-difference"):
+        backend.jvp(torch.sin, (x,), (x,))
+    with pytest.raises(adbackends.CapabilityError):
+        backend.vjp(torch.sin, x)
+
+
+def test_derived_transforms_agree_with_autograd(
+    backend: adbackends.Backend, exact: adbackends.Backend
+) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, generator=gen, dtype=torch.float64)
+    y = torch.randn(3, generator=gen, dtype=torch.float64)
+
+    def f(a: Any, b: Any) -> Any:
+        return (a.sin() * b.exp()).sum()
+
+    rtol, atol = plugin.FiniteDifferenceBackend.tolerance
+    pairs = [
+        (backend.grad(f, (0, 1))(x, y), exact.grad(f, (0, 1))(x, y)),
+        (backend.grad_and_value(f)(x, y), exact.grad_and_value(f)(x, y)),
+        (backend.jacfwd(torch.tanh)(x), exact.jacfwd(torch.tanh)(x)),
+        (backend.hessian(f, (0, 1))(x, y), exact.hessian(f, (0, 1))(x, y)),
+    ]
+    for got, want in pairs:
+        got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
+        want_leaves, want_spec = torch.utils._pytree.tree_flatten(want)
+        assert got_spec == want_spec
+        for g, w in zip(got_leaves, want_leaves):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            assert torch.allclose(g, w, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -9,15 +9,21 @@ Select it by name once the distribution is installed::
 vectorised (``vectorize=True``, one batched backward pass) where the function's
 backward allows it and row by row where it does not. ``vmap`` is the loop
 backend's, so any code that runs once runs batched.
+
+It implements backend contract 2: ``vjp``, ``jvp`` and ``linearize`` are the
+loop backend's (reverse mode only, like ``torch.autograd.functional.vjp``
+and its double-backward ``jvp``); ``grad``, ``grad_and_value``, ``jacfwd``
+and ``hessian`` are derived by adbackends from this backend's ``jacrev``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, List, Optional, Sequence, Tuple, Union
 
 from adbackends import Backend
 from adbackends.backends import loop
+from adbackends.plugin import normalize_argnums
 
 __all__ = ["AutogradFunctionalBackend", "__version__", "jacrev"]
 
@@ -40,7 +46,16 @@ class AutogradFunctionalBackend(Backend):
     """
 
     name = "autograd.functional"
-    claims = ("custom_function", "legacy_function", "higher_order", "chunk_size", "randomness")
+    contract: ClassVar[int] = 2
+    claims = (
+        "custom_function",
+        "legacy_function",
+        "higher_order",
+        "chunk_size",
+        "randomness",
+        "forward_mode",
+        "hessian",
+    )
 
     def jacrev(
         self,
@@ -64,23 +79,29 @@ class AutogradFunctionalBackend(Backend):
     ) -> Callable[..., Any]:
         return loop.vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
 
+    # grad, grad_and_value, jacfwd and hessian: derived from jacrev by adbackends.
+
+    def vjp(self, func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:
+        return loop.vjp(func, *primals, has_aux=has_aux)
+
+    def jvp(
+        self,
+        func: Callable[..., Any],
+        primals: Any,
+        tangents: Any,
+        *,
+        strict: bool = False,
+        has_aux: bool = False,
+    ) -> Any:
+        return loop.jvp(func, primals, tangents, strict=strict, has_aux=has_aux)
+
+    def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
+        return loop.linearize(func, *primals)
+
 
 def _check_argnums(argnums: Any, num_args: int) -> Tuple[Tuple[int, ...], bool]:
     """The argument positions to differentiate, validated as torch.func does."""
-    as_tuple = isinstance(argnums, tuple)
-    nums = argnums if as_tuple else (argnums,)
-    if as_tuple and not nums:
-        raise RuntimeError("argnums must be non-empty")
-    positions = []
-    for num in nums:
-        if isinstance(num, bool) or not isinstance(num, int):
-            raise RuntimeError(f"argnums must be int or Tuple[int, ...], got: {type(argnums)}")
-        if not -num_args <= num < num_args:
-            raise RuntimeError(f"Got argnums={num}, but only {num_args} positional inputs")
-        positions.append(num % num_args)
-    if len(set(positions)) != len(positions):
-        raise RuntimeError(f"argnums elements must be unique, got {argnums}")
-    return tuple(positions), as_tuple
+    return normalize_argnums(argnums, num_args), isinstance(argnums, tuple)
 
 
 def _reaches_outside(outputs: Sequence[Any], own: Sequence[Any]) -> bool:
