@@ -23,6 +23,11 @@ Remember and say: the first fallback of a function warns once
 later calls of the same function (the same code, also through freshly built
 transform wrappers) go straight to the fallback. :func:`fallbacks` lists
 what fell back and why; :func:`forget_fallbacks` forgets it.
+
+Building is cheap: a chain keeps each transform it built for a plain Python
+function on that function (``__adbackends_built__``, at most a few dozen per
+function, freed with it), so ``adbackends.vmap(f)(x)`` in a loop builds the
+transform once and finds it again.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import functools
 import logging
 import threading
 import warnings
+from types import FunctionType
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from ._shared import ArgNums, RngState, external_stacklevel
@@ -96,7 +102,11 @@ class _Depth(threading.local):
     quiet = 0  # chain fallbacks running in this thread: they have warned already
 
 
-_running = _Depth()  # native chain transforms running in this thread
+_running = _Depth()
+#: Where a chain keeps the transforms it built for a plain function, on the
+#: function itself: they live exactly as long as the function does.
+_BUILT = "__adbackends_built__"
+_BUILT_MAX = 32  # native chain transforms running in this thread
 _memory: Dict[Tuple[Any, ...], _Record] = {}
 _lock = threading.Lock()
 
@@ -218,7 +228,9 @@ class ChainBackend(Backend):
                 _preallocate_and_copy=_preallocate_and_copy,
             )
 
-        return self._chained("jacrev", func, make, True)
+        return self._chained(
+            "jacrev", func, make, True, (argnums, has_aux, chunk_size, _preallocate_and_copy)
+        )
 
     def vmap(
         self,
@@ -234,7 +246,9 @@ class ChainBackend(Backend):
 
         # With randomness="error" a native vmap raises at the first random
         # draw, so nothing can have drawn before a refusal: no RNG snapshot.
-        return self._chained("vmap", func, make, randomness != "error")
+        return self._chained(
+            "vmap", func, make, randomness != "error", (in_dims, out_dims, randomness, chunk_size)
+        )
 
     def grad(
         self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
@@ -242,7 +256,7 @@ class ChainBackend(Backend):
         def make(backend: Backend) -> Callable[..., Any]:
             return backend.grad(func, argnums, has_aux)
 
-        return self._chained("grad", func, make, True)
+        return self._chained("grad", func, make, True, (argnums, has_aux))
 
     def grad_and_value(
         self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
@@ -250,7 +264,7 @@ class ChainBackend(Backend):
         def make(backend: Backend) -> Callable[..., Any]:
             return backend.grad_and_value(func, argnums, has_aux)
 
-        return self._chained("grad_and_value", func, make, True)
+        return self._chained("grad_and_value", func, make, True, (argnums, has_aux))
 
     def jacfwd(
         self,
@@ -264,13 +278,15 @@ class ChainBackend(Backend):
             return backend.jacfwd(func, argnums, has_aux, randomness=randomness)
 
         # As for vmap: with randomness="error" nothing draws before a refusal.
-        return self._chained("jacfwd", func, make, randomness != "error")
+        return self._chained(
+            "jacfwd", func, make, randomness != "error", (argnums, has_aux, randomness)
+        )
 
     def hessian(self, func: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
         def make(backend: Backend) -> Callable[..., Any]:
             return backend.hessian(func, argnums)
 
-        return self._chained("hessian", func, make, True)
+        return self._chained("hessian", func, make, True, (argnums,))
 
     # vjp, jvp and linearize run at once: the call itself is chained.
 
@@ -324,9 +340,25 @@ class ChainBackend(Backend):
         func: Callable[..., Any],
         make: Callable[[Backend], Callable[..., Any]],
         snapshot_rng: bool,
+        args: Optional[Tuple[Any, ...]] = None,
     ) -> Callable[..., Any]:
-        # Building the transform is on every call's path (adbackends.vmap(f)(x)):
-        # nothing here may cost more than a few hundred nanoseconds.
+        # Building the transform is on every call's path (adbackends.vmap(f)(x)
+        # in a loop): a transform built once for a plain function is kept on
+        # the function, keyed by this chain, the transform and its arguments,
+        # and found again by the next identical build.
+        built: Optional[Dict[Any, Any]] = None
+        build_key: Any = None
+        if args is not None and type(func) is FunctionType:
+            build_key = (self, transform, func, args)
+            built = func.__dict__.get(_BUILT)
+            if built is not None:
+                try:
+                    found = built.get(build_key)
+                except TypeError:  # unhashable arguments (a list of in_dims)
+                    build_key = None
+                else:
+                    if found is not None:
+                        return found  # type: ignore[no-any-return]
         native = self.native_backend
         try:
             native_t = make(native)
@@ -389,6 +421,14 @@ class ChainBackend(Backend):
                 raise
 
         call.__adbackends_chain__ = (key, transform, func)  # type: ignore[attr-defined]
+        if build_key is not None:
+            try:
+                if built is None:
+                    built = func.__dict__.setdefault(_BUILT, {})
+                if len(built) < _BUILT_MAX:
+                    built[build_key] = call
+            except TypeError:  # unhashable arguments
+                pass
         return call
 
 

@@ -458,3 +458,44 @@ def test_conformance_kit_accepts_a_chain() -> None:
     report = check_backend("torch.func>loop", raise_on_failure=False)
     assert report.ok, report.summary()
     assert report.backend == "torch.func>loop"
+
+
+def test_a_transform_built_again_for_the_same_function_is_reused() -> None:
+    import gc
+    import weakref
+
+    def f(v: Any) -> Any:
+        return torch.sin(v)
+
+    first = adbackends.vmap(f)
+    assert adbackends.vmap(f) is first  # the loop `adbackends.vmap(f)(x)` builds once
+    assert adbackends.vmap(f, in_dims=0, out_dims=0) is first
+    assert adbackends.vmap(f, out_dims=1) is not first
+    assert adbackends.jacrev(f) is not first
+    with adbackends.using("torch.func", fallback="loop"):
+        assert adbackends.vmap(f) is first  # the same chain
+    assert adbackends.vmap(f, in_dims=[0]) is not adbackends.vmap(f, in_dims=[0])  # unhashable
+    x = _input("vmap")
+    assert torch.equal(first(x), torch.sin(x))
+
+    ref = weakref.ref(f)
+    del f, first
+    gc.collect()
+    assert ref() is None  # kept on the function: it lives exactly as long
+
+
+def test_a_reused_transform_still_falls_back_and_remembers() -> None:
+    f = Counted(BODIES["item"])
+
+    def body(v: Any) -> Any:
+        return f(v)
+
+    x = _input("vmap")
+    with pytest.warns(adbackends.FallbackWarning):
+        adbackends.vmap(body)(x)
+    before = f.calls
+    adbackends.vmap(body)(x)
+    assert f.calls - before == x.shape[0]  # straight to the loop
+    adbackends.forget_fallbacks()
+    with pytest.warns(adbackends.FallbackWarning):
+        adbackends.vmap(body)(x)
