@@ -391,7 +391,14 @@ def _probe() -> Any:
     import torch.overrides
 
     mode_base = getattr(torch.overrides, "TorchFunctionMode", None)
-    return None if mode_base is None else _make_probe(mode_base)
+    if mode_base is None:
+        return None
+    try:
+        return _make_probe(mode_base)
+    except TypeError:
+        # torch 1.12 builds modes only through push_torch_function_mode; there
+        # the per-sample values decide, as they did before modes existed.
+        return None
 
 
 def _has_none(out_dims: Any) -> bool:
