@@ -14,12 +14,22 @@ import torch
 
 import adbackends
 
+from . import reference as ref
 from .test_loop_support import assert_same
 
 HAS_SETUP_CONTEXT = hasattr(torch.autograd.Function, "setup_context")
 needs_setup_context = pytest.mark.skipif(
     not HAS_SETUP_CONTEXT, reason="setup_context-style Functions arrived in torch 2.0"
 )
+
+
+@pytest.fixture
+def reference():
+    """torch.func, or functorch before torch 2.0 (tests/reference.py).
+
+    Overrides the torch.func-only fixture of conftest.py for this module.
+    """
+    return ref.backend()
 
 
 @pytest.fixture
@@ -188,6 +198,35 @@ def test_matches_torch_func(loop, reference, kind):
         lambda b: b.vmap(b.jacrev(lambda t: cube(t * w)))(xs),
     ):
         assert_same(build(loop), build(reference))
+
+
+@pytest.mark.parametrize("nonlinear", [False, True])
+def test_legacy_function_matches_plain_code_on_the_reference(loop, reference, nonlinear):
+    """The loop through a ctx-style Function, the reference through the same math.
+
+    No reference runs a ctx-style Function under its transforms (functorch
+    before torch 2.0 refuses every Function, torch.func this style), so the
+    reference gets the plain expression the Function computes, on every torch.
+    """
+
+    def through_function(t):
+        return LegacyCube.apply(t.sin() if nonlinear else t)
+
+    def plain(t):
+        return (t.sin() if nonlinear else t) ** 3
+
+    x, xs = _x(3), _x(2, 3)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
+    for build in (
+        lambda b, cube: b.jacrev(cube)(x),
+        lambda b, cube: b.vmap(cube)(xs),
+        lambda b, cube: b.vmap(b.jacrev(cube))(xs),
+        lambda b, cube: b.jacrev(b.vmap(cube))(xs),
+        lambda b, cube: b.jacrev(b.jacrev(lambda t: cube(t).sum()))(x),
+        lambda b, cube: b.jacrev(lambda t: cube(t) * w)(x),
+        lambda b, cube: b.vmap(b.jacrev(lambda t: cube(t * w)))(xs),
+    ):
+        assert_same(build(loop, through_function), build(reference, plain))
 
 
 @needs_setup_context

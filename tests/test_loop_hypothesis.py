@@ -1,5 +1,7 @@
 """Generated differential tests: the loop backend against torch.func.
 
+Before torch 2.0 the reference is functorch instead (tests/reference.py).
+
 Hypothesis draws small programs (chains of torch operations over one to
 three arguments, some through a parameter that requires grad, some detached
 or under ``no_grad``), pytree output structures, ``argnums``, ``has_aux``,
@@ -30,6 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten  # noqa: 
 
 import adbackends  # noqa: E402
 
+from . import reference as ref  # noqa: E402
 from .test_loop_support import assert_same  # noqa: E402
 
 # Profiles of this module only (named so that they leave hypothesis's global
@@ -188,9 +191,17 @@ def _outcome(call: Callable[[], Any]) -> Tuple[bool, Any]:
         return False, exc
 
 
+def _functorch_internal_error(ok: bool, outcome: Any) -> bool:
+    """functorch before torch 2.0 fails on some 0-dim samples with an internal
+    error ("Could not allocate memory to change Tensor SizesAndStrides!") where
+    torch.func and the loop compute the result: such cases have no reference."""
+    return ref.OLD and not ok and "SizesAndStrides" in str(outcome)
+
+
 def _compare(loop_call: Callable[[], Any], reference_call: Callable[[], Any]) -> None:
     ok_ref, expected = _outcome(reference_call)
     ok_loop, actual = _outcome(loop_call)
+    assume(not _functorch_internal_error(ok_ref, expected))
     if not ok_ref and "expanded size" in str(expected):
         # torch.func cannot expand an unbatched output to out_dims != 0.
         assume(False)
@@ -207,10 +218,7 @@ def _compare(loop_call: Callable[[], Any], reference_call: Callable[[], Any]) ->
 def pair() -> Tuple[adbackends.Backend, adbackends.Backend]:
     from adbackends.registry import REGISTRY
 
-    failure = REGISTRY.failure("torch.func")
-    if failure is not None:
-        pytest.skip(f"torch.func does not load here: {failure.reason}")
-    return REGISTRY.get("loop"), REGISTRY.get("torch.func")
+    return REGISTRY.get("loop"), ref.backend()
 
 
 def _argnums(draw: Any, n_args: int) -> Any:
@@ -435,11 +443,17 @@ def test_argument_errors(pair, data):
         in_dims = data.draw(value, label="in_dims")
         out_dims = data.draw(value, label="out_dims")
 
+        # functorch before torch 2.0 refuses any None in out_dims before
+        # anything else: no reference for the other errors of such a call.
+        has_none = out_dims is None or (isinstance(out_dims, (tuple, list)) and None in out_dims)
+        assume(not (ref.OLD and has_none))
+
         def run(b):
             return b.vmap(lambda a, c: a * c, in_dims, out_dims)(x, y)
 
     ok_ref, expected = _outcome(lambda: run(reference))
     ok_loop, actual = _outcome(lambda: run(loop))
+    assume(not _functorch_internal_error(ok_ref, expected))
     assert ok_ref == ok_loop, f"torch.func: {expected!r}; loop: {actual!r}"
     if ok_ref:
         assert_same(actual, expected)
