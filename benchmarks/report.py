@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -15,13 +17,15 @@ TITLES: Dict[str, str] = {
     "P4": "P4 cold start",
     "P5": "P5 every backend, every workload",
     "P6": "P6 peak extra memory of jacrev",
+    "P7": "P7 the fallback chain's cost",
     "S": "S size-aware strategy",
 }
 TARGETS: Dict[str, str] = {
-    "P1": "<= 1.02 vs torch.func",
+    "P1": "<= 1.02 vs torch.func in every run",
     "P2": "<= 0.9 vs autograd.functional.jacobian",
-    "P3": "<= 1.10 vs a loop plus torch.stack",
-    "P4": "<= 1.03 vs plain torch.func",
+    "P3": "<= 1.10 vs a loop plus torch.stack, every batch",
+    "P4": "<= 1.03 jacrev first, <= 1.05 vmap first, vs plain torch.func",
+    "P7": "a <= 1.02, b <= 1.05, c <= 0.1",
     "P6": "loop: about one chunk plus the result",
 }
 
@@ -71,17 +75,26 @@ def text(data: Data) -> str:
         if isinstance(result, dict) and "error" in result:
             lines.append(f"  could not run here: {result['error']}")
             continue
+        if isinstance(result, dict) and set(result) == {"skipped"}:
+            lines.append(f"  skipped here: {result['skipped']}")
+            continue
         lines += [f"  {line}" for line in _TEXT[part](result)]
     return "\n".join(lines)
 
 
-def _p1_text(rows: Sequence[Data]) -> List[str]:
-    return [f"active backend: {rows[0].get('active')}"] * bool(rows) + [
-        f"{r['transform']:<7} call ratio {r['ratio']:.3f} (A/A control {r['control_ratio']:.3f})"
-        f"   dispatch {r['dispatch_us']:.2f} us on a {r['torch_func_call_us']:.0f} us call"
-        f" -> {r['overhead_ratio']:.4f}"
-        for r in rows
-    ]
+def _p1_text(r: Data) -> List[str]:
+    lines = []
+    for mode, m in r["modes"].items():
+        lines.append(f"{mode}: active backend {m['active']}, {r['runs']} run(s)")
+        for t in m["transforms"]:
+            ratios = " ".join(f"{x:.3f}" for x in t["ratios"])
+            lines.append(
+                f"  {t['transform']:<7} ratios {ratios}   max {t['max']:.3f}"
+                f" ({sum(t['met'])}/{len(t['met'])} met)   A/A max {max(t['controls']):.3f}"
+                f"   dispatch {t['dispatch_us']:.2f} us on a {t['torch_func_call_us']:.0f} us"
+                f" call -> {t['overhead_ratio']:.4f}"
+            )
+    return lines
 
 
 def _p2_text(rows: Sequence[Data]) -> List[str]:
@@ -94,7 +107,8 @@ def _p2_text(rows: Sequence[Data]) -> List[str]:
 
 def _p3_text(rows: Sequence[Data]) -> List[str]:
     return [
-        f"b={r['batch']:<5} {r['loop_ms']:8.3f} ms   / stack loop {r['vs_stack_loop']:.3f}"
+        f"{r.get('case', 'pair energy'):<12} b={r['batch']:<5} {r['loop_ms']:8.3f} ms"
+        f"   / stack loop {r['vs_stack_loop']:.3f}"
         f"   equal {r['equal']}"
         for r in rows
     ]
@@ -108,8 +122,14 @@ def _p4_text(r: Data) -> List[str]:
         f"adbackends' own cost after torch's first-use work: {r['own_cost_ms']:.1f} ms "
         f"-> {r['own_cost_ratio']:.4f} of the torch.func cold start",
         f"first transform a vmap: adbackends {r['adbackends_vmap_s']:.3f} s   torch.func "
-        f"{r['torch_func_vmap_s']:.3f} s   ratio {r['vmap_ratio']:.3f}",
+        f"{r['torch_func_vmap_s']:.3f} s   ratio {r['vmap_ratio']:.3f} (probe cache warm)",
     ]
+    if "cold_cache_vmap_ratio" in r:
+        lines.append(
+            f"the same, empty probe cache: adbackends {r['cold_cache_adbackends_vmap_s']:.3f} s"
+            f"   torch.func {r['cold_cache_torch_func_vmap_s']:.3f} s"
+            f"   ratio {r['cold_cache_vmap_ratio']:.3f} ({r['cold_rounds']} round(s))"
+        )
     for which, stages in r["stages_ms"].items():
         lines.append(f"{which:<10} " + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items()))
     return lines
@@ -144,6 +164,24 @@ def _p6_text(rows: Sequence[Data]) -> List[str]:
     return lines
 
 
+def _p7_text(r: Data) -> List[str]:
+    lines = []
+    for key, what in _P7_PARTS.items():
+        sub = r[key]
+        if "skipped" in sub:
+            lines.append(f"{key} {what}: skipped, {sub['skipped']}")
+            continue
+        lines.append(f"{key} {what} (auto here: {sub['auto']})")
+        for row in sub["rows"]:
+            extra = "".join(f"   / {k} {v:.3f}" for k, v in row["others"].items())
+            lines.append(
+                f"  {row['call']:<26} {row['timed']} / {row['over']} {row['ratio']:.3f}"
+                f" (target {row['target']}: {'met' if row['met'] else 'missed'}){extra}"
+                f"   max|diff| {row['max_abs_diff']:.1e}"
+            )
+    return lines
+
+
 def _s_text(rows: Sequence[Data]) -> List[str]:
     return [
         f"{r['kind']:<11} n={r['n']:<5} torch.func {r['torch_func_ms']:8.3f} ms"
@@ -160,7 +198,15 @@ _TEXT = {
     "P4": _p4_text,
     "P5": _p5_text,
     "P6": _p6_text,
+    "P7": _p7_text,
     "S": _s_text,
+}
+
+#: The three parts of P7, as the text and the tables name them.
+_P7_PARTS: Dict[str, str] = {
+    "a": "calls that never fall back: the chain / the torch.func backend",
+    "b": "calls that fell back: the chain / the loop backend",
+    "c": "torch 1.13, vmap of a plain function: functorch>loop / loop",
 }
 
 
@@ -183,22 +229,10 @@ def _rst_part(part: str, result: Any) -> List[str]:
     title = TITLES[part] + (f" (target {TARGETS[part]})" if part in TARGETS else "")
     if isinstance(result, dict) and "error" in result:
         return [f"**{title}**: could not run here ({result['error']}).", ""]
+    if isinstance(result, dict) and set(result) == {"skipped"}:
+        return [f"**{title}**: skipped here: {result['skipped']}.", ""]
     if part == "P1":
-        return _table(
-            f"{title}, active backend {result[0].get('active')}" if result else title,
-            ["transform", "call ratio", "A/A control", "torch.func call", "dispatch", "overhead"],
-            [
-                [
-                    _code(r["transform"]),
-                    f"{r['ratio']:.3f}",
-                    f"{r['control_ratio']:.3f}",
-                    f"{r['torch_func_call_us']:.0f} µs",
-                    f"{r['dispatch_us']:.2f} µs",
-                    f"{r['overhead_ratio']:.4f}",
-                ]
-                for r in result
-            ],
-        )
+        return _p1_rst(title, result)
     if part == "P2":
         return _table(
             title,
@@ -217,9 +251,10 @@ def _rst_part(part: str, result: Any) -> List[str]:
     if part == "P3":
         return _table(
             title,
-            ["batch", "loop", "/ stack loop", "equal"],
+            ["function", "batch", "loop", "/ stack loop", "equal"],
             [
                 [
+                    r.get("case", "pair energy"),
                     str(r["batch"]),
                     f"{r['loop_ms']:.3f} ms",
                     f"{r['vs_stack_loop']:.3f}",
@@ -243,6 +278,18 @@ def _rst_part(part: str, result: Any) -> List[str]:
                 f"{r['torch_func_vmap_s']:.3f} s",
                 f"{r['vmap_ratio']:.3f}",
             ],
+            *(
+                [
+                    [
+                        f"import, one vmap, empty probe cache ({r['cold_rounds']} rounds)",
+                        f"{r['cold_cache_adbackends_vmap_s']:.3f} s",
+                        f"{r['cold_cache_torch_func_vmap_s']:.3f} s",
+                        f"{r['cold_cache_vmap_ratio']:.3f}",
+                    ]
+                ]
+                if "cold_cache_vmap_ratio" in r
+                else []
+            ),
             ["import torch alone", "", f"{r['import_torch_s']:.3f} s", ""],
             [
                 "adbackends' own cost",
@@ -293,6 +340,8 @@ def _rst_part(part: str, result: Any) -> List[str]:
                 for r in result
             ],
         )
+    if part == "P7":
+        return _p7_rst(title, result)
     if part == "S":
         return _table(
             f"{title}: a grad loop and the loop backend over torch.func.jacrev",
@@ -312,6 +361,92 @@ def _rst_part(part: str, result: Any) -> List[str]:
     raise ValueError(f"unknown part {part!r}")
 
 
+def _p1_rst(title: str, r: Data) -> List[str]:
+    lines: List[str] = []
+    for mode, m in r["modes"].items():
+        names = [t["transform"] for t in m["transforms"]]
+        header = ["run"] + [f"``{n}``" for n in names] + [f"A/A ``{n}``" for n in names]
+        rows = [
+            [str(i + 1)]
+            + [
+                f"{t['ratios'][i]:.3f}" + ("" if t["met"][i] else " (missed)")
+                for t in m["transforms"]
+            ]
+            + [f"{t['controls'][i]:.3f}" for t in m["transforms"]]
+            for i in range(r["runs"])
+        ]
+        rows.append(
+            ["max"]
+            + [f"**{t['max']:.3f}**, {sum(t['met'])}/{len(t['met'])} met" for t in m["transforms"]]
+            + [f"{max(t['controls']):.3f}" for t in m["transforms"]]
+        )
+        rows.append(
+            ["making the transform"]
+            + [
+                f"+{t['dispatch_us']:.2f} µs on a {t['torch_func_call_us']:.0f} µs call: "
+                f"{t['overhead_ratio']:.4f}"
+                for t in m["transforms"]
+            ]
+            + ["" for _ in m["transforms"]]
+        )
+        label = "what users get" if mode == "auto" else 'after ``use("torch.func")``'
+        lines += _table(f"{title}; {mode}, {label}: active backend {m['active']}", header, rows)
+    return lines
+
+
+def _p7_rst(title: str, r: Data) -> List[str]:
+    lines: List[str] = []
+    for key, what in _P7_PARTS.items():
+        sub = r[key]
+        head = f"P7{key}, {what}"
+        if "skipped" in sub:
+            lines += [f"**{head}**: skipped here: {sub['skipped']}.", ""]
+            continue
+        others = sorted({k for row in sub["rows"] for k in row["others"]})
+        lines += _table(
+            f"{head} (auto here: {sub['auto']})",
+            ["call", "ratio", "target", "met", *[f"/ {k}" for k in others], "max abs diff"],
+            [
+                [
+                    _code(row["call"]),
+                    f"{row['ratio']:.3f}",
+                    f"<= {row['target']}",
+                    "met" if row["met"] else "**missed**",
+                    *[f"{row['others'][k]:.3f}" for k in others],
+                    f"{row['max_abs_diff']:.1e}",
+                ]
+                for row in sub["rows"]
+            ],
+        )
+    return lines
+
+
+def choice_sentence(rows: Sequence[Data], version: str) -> str:
+    """Which backend to choose, from a P5 grid: the best geometric mean, and the gaps.
+
+    The backends compared are those that ran every row exactly; the gap of
+    each other one is given as the range of its time over the best one's.
+    """
+    names = rows[0]["backends"] if rows else []
+    full = [n for n in names if all(n in r["seconds"] and n not in r["inexact"] for r in rows)]
+    if len(full) < 2:
+        return f"On torch {version}, too few backends ran every workload to compare."
+    score = {n: math.exp(statistics.mean(math.log(r["relative"][n]) for r in rows)) for n in full}
+    best = min(full, key=score.__getitem__)
+    parts = []
+    for n in sorted((n for n in full if n != best), key=score.__getitem__):
+        gaps = [r["seconds"][n] / r["seconds"][best] for r in rows]
+        parts.append(
+            f"{n} takes {_ratio(min(gaps))} to {_ratio(max(gaps))} times as long "
+            f"(geometric mean {_ratio(score[n] / score[best])})"
+        )
+    return (
+        f"On torch {version}, choose **{best}**: over these {len(rows)} workloads and sizes "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def _where(machine: Data, date: str) -> str:
     return (
         f"{date}: {machine['platform']}, {machine['cpus']} CPUs, "
@@ -322,11 +457,8 @@ def _where(machine: Data, date: str) -> str:
 
 def rst(data: Data, figure: Optional[str] = None) -> str:
     """The tables as reStructuredText; ``figure``: the image path to show with P5."""
-    runs: Dict[str, List[str]] = {}
-    for part, meta in data["runs"].items():
-        runs.setdefault(_where(meta["machine"], meta["date"]), []).append(part)
     lines = [".. Written by benchmarks/run.py from benchmarks/results.json.", ""]
-    for where, parts in runs.items():
+    for where, parts in _runs_by_machine(data).items():
         lines += [f"Measured {where} (parts {', '.join(parts)}).", ""]
     for part, result in data["parts"].items():
         if part == "P5" and figure and not (isinstance(result, dict) and "error" in result):
@@ -340,7 +472,31 @@ def rst(data: Data, figure: Optional[str] = None) -> str:
                 "",
             ]
         lines += _rst_part(part, result)
+    for version, older in data.get("older_torch", {}).items():
+        lines += _older_rst(version, older)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _older_rst(version: str, data: Data) -> List[str]:
+    """The tables of a run on an older torch, each title marked with its version."""
+    lines = [f"**On torch {version}.**", ""]
+    for where, parts in _runs_by_machine(data).items():
+        lines += [f"Measured {where} (parts {', '.join(parts)}).", ""]
+    for part, result in data["parts"].items():
+        if part == "P5" and isinstance(result, list):
+            lines += [choice_sentence(result, version), ""]
+        for line in _rst_part(part, result):
+            if line.startswith(".. list-table:: "):
+                line = line.replace(".. list-table:: ", f".. list-table:: torch {version}: ", 1)
+            lines.append(line)
+    return lines
+
+
+def _runs_by_machine(data: Data) -> Dict[str, List[str]]:
+    runs: Dict[str, List[str]] = {}
+    for part, meta in data["runs"].items():
+        runs.setdefault(_where(meta["machine"], meta["date"]), []).append(part)
+    return runs
 
 
 # -- the figure -------------------------------------------------------------------------

@@ -16,7 +16,15 @@ the tables and the figure from ``results.json``.
 
 Parts: P1 dispatch overhead, P2 loop jacrev, P3 loop vmap, P4 cold start,
 P5 every backend on every workload (jacrev, vmap, batched forces, batched
-Hessians) over sizes, P6 peak memory, S the size-aware strategy question.
+Hessians) over sizes, P6 peak memory, P7 the fallback chain's cost, S the
+size-aware strategy question. ``--p1-runs N`` runs P1 N times (its target
+holds in every run); ``--backends a,b>c`` names P5's backends.
+
+Results measured on torch 1.x are kept apart, under ``older_torch`` and the
+torch version in ``results.json`` (a run on torch 2 does not replace them),
+and get tables of their own. The figure is drawn from torch 2's P5 only;
+after a run on an older torch without matplotlib, ``--render`` from an
+environment with it redraws the page and the figure.
 """
 
 from __future__ import annotations
@@ -62,6 +70,12 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch.set_num_threads (default 1; 0: torch's)"
     )
+    parser.add_argument("--p1-runs", type=int, default=1, help="run P1 this many times (default 1)")
+    parser.add_argument(
+        "--backends",
+        default="",
+        help="comma-separated backends for P5, chains allowed (default: every one that loads)",
+    )
     args = parser.parse_args(argv)
     parts = [p.strip().upper() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(suite.PARTS))
@@ -69,16 +83,24 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(suite.PARTS)}")
     default = suite.QUICK_PARTS if args.quick else suite.PARTS
     args.parts = [p for p in suite.PARTS if p in parts] if parts else list(default)
+    if args.p1_runs < 1:
+        parser.error("--p1-runs must be at least 1")
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()] or None
     return args
 
 
-def measure(parts: Sequence[str], quick: bool) -> Dict[str, Any]:
+def measure(
+    parts: Sequence[str],
+    quick: bool,
+    p1_runs: int = 1,
+    backends: Optional[Sequence[str]] = None,
+) -> Dict[str, Any]:
     """Run ``parts``; a part that fails is recorded as ``{"error": ...}``."""
     import torch
 
     from adbackends.bench import _machine, _quiet
 
-    steps = suite.steps(quick)
+    steps = suite.steps(quick, p1_runs=p1_runs, backends=backends)
     machine = _machine()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     data: Dict[str, Any] = {"machine": machine, "parts": {}, "runs": {}}
@@ -95,8 +117,13 @@ def measure(parts: Sequence[str], quick: bool) -> Dict[str, Any]:
     return data
 
 
-def merge(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
-    """``old`` with the parts of ``new`` replaced, in the suite's order."""
+def older_torch(machine: Dict[str, Any]) -> Optional[str]:
+    """``"1.13"`` for a run on torch 1.13: such results are kept apart; ``None`` on torch 2+."""
+    major, minor = [*str(machine["torch"]).split("+")[0].split("."), "0"][:2]
+    return f"{major}.{minor}" if int(major) < 2 else None
+
+
+def _merged(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
     parts = {**old.get("parts", {}), **new["parts"]}
     runs = {**old.get("runs", {}), **new["runs"]}
     order = [p for p in suite.PARTS if p in parts]
@@ -105,6 +132,27 @@ def merge(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
         "parts": {p: parts[p] for p in order},
         "runs": {p: runs[p] for p in order},
     }
+
+
+def merge(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
+    """``old`` with the parts of ``new`` replaced, in the suite's order.
+
+    A run on torch 1.x goes under ``older_torch`` and its version, leaving
+    torch 2's results (and those of other versions) as they are.
+    """
+    version = older_torch(new["machine"])
+    kept = dict(old.get("older_torch", {}))
+    if version is None:
+        out = _merged(old, new)
+    else:
+        kept[version] = _merged(kept.get(version, {}), new)
+        out = {key: old[key] for key in ("machine", "parts", "runs") if key in old}
+        out.setdefault("machine", new["machine"])
+        out.setdefault("parts", {})
+        out.setdefault("runs", {})
+    if kept:
+        out["older_torch"] = {v: kept[v] for v in sorted(kept)}
+    return out
 
 
 def write_page(page: Path, tables: str) -> None:
@@ -128,13 +176,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        data = measure(args.parts, args.quick)
+        data = measure(args.parts, args.quick, args.p1_runs, args.backends)
         print(report.text(data))
         if args.quick and out is None:
             print("(--quick without --out: nothing written)", file=sys.stderr)
             return 0
-        if results.exists():
-            data = merge(json.loads(results.read_text(encoding="utf-8")), data)
+        old = json.loads(results.read_text(encoding="utf-8")) if results.exists() else {}
+        data = merge(old, data)
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     written: List[Path] = [] if args.render else [results]

@@ -169,10 +169,19 @@ def _suite(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_the_suite_runs_quick_and_writes_its_tables(tmp_path: Path) -> None:
-    proc = _suite(tmp_path)
+    proc = _suite(tmp_path, "--p1-runs", "2")
     assert "P2 loop jacrev (target" in proc.stdout  # the suite prints its targets
     data = json.loads((tmp_path / "results.json").read_text())
-    assert list(data["parts"]) == ["P1", "P2", "P3", "P5", "S"]
+    if "torch.func" not in adbackends.available():  # torch 1.x: kept apart, P1 and P7a/b skipped
+        version = ".".join(torch.__version__.split(".")[:2])
+        assert data["parts"] == {}
+        parts = data["older_torch"][version]["parts"]
+        assert list(parts) == ["P1", "P2", "P3", "P5", "P7", "S"]
+        assert "torch.func" in parts["P1"]["skipped"]
+        assert "torch.func" in parts["P7"]["a"]["skipped"]
+        assert len(parts["P7"]["c"]["rows"]) == 2
+        return
+    assert list(data["parts"]) == ["P1", "P2", "P3", "P5", "P7", "S"]
     for part, result in data["parts"].items():
         assert "error" not in result, (part, result)
     workloads = {r["workload"] for r in data["parts"]["P5"]}
@@ -180,6 +189,25 @@ def test_the_suite_runs_quick_and_writes_its_tables(tmp_path: Path) -> None:
     tables = (tmp_path / "performance_tables.rst").read_text()
     for title in ("P2 loop jacrev", "P5 forces", "P5 hessians", "S size-aware strategy"):
         assert f".. list-table:: {title}" in tables
+    # P1: every run kept, in both modes, with its verdict
+    p1 = data["parts"]["P1"]
+    assert p1["runs"] == 2 and set(p1["modes"]) == {"auto", "strict"}
+    assert p1["modes"]["strict"]["active"] == "torch.func"
+    for mode in p1["modes"].values():
+        for row in mode["transforms"]:
+            assert len(row["ratios"]) == len(row["met"]) == len(row["controls"]) == 2
+            assert row["max"] == max(row["ratios"]) and row["all_met"] == all(row["met"])
+    assert {r["case"] for r in data["parts"]["P3"]} == {"tanh", "pair energy"}
+    assert all(r["equal"] for r in data["parts"]["P3"])
+    p7 = data["parts"]["P7"]
+    for key, calls in (("a", 3), ("b", 2)):
+        rows = p7[key]["rows"]
+        assert len(rows) == calls and all(r["ratio"] > 0 and "met" in r for r in rows)
+        assert all(r["max_abs_diff"] < 1e-12 for r in rows)
+    assert p7["b"]["fell_back"]  # the .item() functions did fall back
+    assert "torch < 2" in p7["c"]["skipped"]  # torch 1.13 only
+    for title in ("P7a, calls that never fall back", "P3 loop vmap", "auto, what users get"):
+        assert title in tables
     if importlib.util.find_spec("matplotlib") is not None:
         png = (tmp_path / "performance_grid.png").read_bytes()
         assert png.startswith(b"\x89PNG") and ".. figure:: /_static/performance_grid.png" in tables
@@ -192,14 +220,55 @@ def test_the_suite_keeps_the_parts_it_did_not_run(tmp_path: Path) -> None:
     assert list(data["parts"]) == list(data["runs"]) == ["P2", "P3"]
 
 
-def test_the_suite_rewrites_only_the_marked_block(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _run_module(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("benchmarks_run", SCRIPT)
     assert spec is not None and spec.loader is not None
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
+    return run
+
+
+def test_results_of_an_older_torch_are_kept_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _run_module(monkeypatch)
+    run_meta = {"date": "d", "quick": True}
+
+    def data(torch_version: str, parts: Dict[str, Any]) -> Dict[str, Any]:
+        machine = {"torch": torch_version}
+        return {
+            "machine": machine,
+            "parts": parts,
+            "runs": {p: {**run_meta, "machine": machine} for p in parts},
+        }
+
+    new = data("2.13.0+cpu", {"P5": [1], "P1": {"x": 1}})
+    old = run.merge({}, data("1.13.1+cu117", {"P5": [0], "P7": {}}))
+    assert old["parts"] == {} and list(old["older_torch"]) == ["1.13"]
+    merged = run.merge(old, new)
+    assert merged["parts"] == {"P1": {"x": 1}, "P5": [1]}  # the suite's order
+    assert merged["older_torch"]["1.13"]["parts"] == {"P5": [0], "P7": {}}
+    again = run.merge(merged, data("1.13.1", {"P5": [2]}))
+    assert again["parts"] == merged["parts"]
+    assert again["older_torch"]["1.13"]["parts"] == {"P5": [2], "P7": {}}
+    assert run.older_torch({"torch": "2.0.1"}) is None
+
+
+def test_the_choice_on_an_older_torch_is_one_sentence() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    times = {"loop": [2.0, 8.0], "functorch": [1.1, 1.0], "functorch>loop": [1.0, 1.0]}
+    text = report.choice_sentence(_data(times)["rows"], "1.13")
+    assert text.startswith("On torch 1.13, choose **functorch>loop**")
+    assert "loop takes 2 to 8 times as long" in text
+
+
+def test_the_suite_rewrites_only_the_marked_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _run_module(monkeypatch)
     page = tmp_path / "page.rst"
     page.write_text(f"Title\n=====\n\n{run.START}\nold\n{run.END}\nafter\n")
     run.write_page(page, "new\n")
@@ -215,6 +284,7 @@ def test_the_suite_starts_fresh_interpreters(tmp_path: Path) -> None:
     _suite(tmp_path, "--parts", "P4,P6")
     parts = json.loads((tmp_path / "results.json").read_text())["parts"]
     assert parts["P4"]["ratio"] > 0 and parts["P4"]["own_cost_ms"] > 0
+    assert parts["P4"]["vmap_ratio"] > 0 and parts["P4"]["cold_cache_vmap_ratio"] > 0
     for row in parts["P6"]:
         assert "error" not in row, row
         assert row["result_mib"] == 16 * 4 * 8 / 2**20 and row["peak_mib"] >= 0
