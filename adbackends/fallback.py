@@ -16,7 +16,8 @@ transforms are outermost again, so ``vmap(jacrev(f))`` over a function with
 
 The random number generators are restored before the retry, so
 ``randomness="same"``/``"different"`` give what the fallback alone gives from
-the same seed.
+the same seed; for other transforms the snapshot is taken until a function
+has once run natively.
 
 Remember and say: the first fallback of a function warns once
 (:class:`FallbackWarning`) with the reason and the fix, and logs at INFO;
@@ -37,7 +38,7 @@ import logging
 import threading
 import warnings
 from types import FunctionType
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from ._shared import ArgNums, RngState, external_stacklevel
 from .backend import Backend, Refusal
@@ -108,6 +109,10 @@ _running = _Depth()
 _BUILT = "__adbackends_built__"
 _BUILT_MAX = 32  # native chain transforms running in this thread
 _memory: Dict[Tuple[Any, ...], _Record] = {}
+#: Calls run at once (vjp, jvp, linearize) that have run natively: they skip
+#: the generator snapshot from then on.
+_native_ok: Set[Tuple[Any, ...]] = set()
+_NATIVE_OK_MAX = 4096
 _lock = threading.Lock()
 
 
@@ -247,12 +252,20 @@ class ChainBackend(Backend):
         # With randomness="error" a native vmap raises at the first random
         # draw, so nothing can have drawn before a refusal: no RNG snapshot.
         return self._chained(
-            "vmap", func, make, randomness != "error", (in_dims, out_dims, randomness, chunk_size)
+            "vmap",
+            func,
+            make,
+            "always" if randomness != "error" else False,
+            (in_dims, out_dims, randomness, chunk_size),
         )
 
     def grad(
         self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
     ) -> Callable[..., Any]:
+        found = self._built("grad", func, (argnums, has_aux))
+        if found is not None:
+            return found
+
         def make(backend: Backend) -> Callable[..., Any]:
             return backend.grad(func, argnums, has_aux)
 
@@ -261,6 +274,10 @@ class ChainBackend(Backend):
     def grad_and_value(
         self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
     ) -> Callable[..., Any]:
+        found = self._built("grad_and_value", func, (argnums, has_aux))
+        if found is not None:
+            return found
+
         def make(backend: Backend) -> Callable[..., Any]:
             return backend.grad_and_value(func, argnums, has_aux)
 
@@ -279,7 +296,11 @@ class ChainBackend(Backend):
 
         # As for vmap: with randomness="error" nothing draws before a refusal.
         return self._chained(
-            "jacfwd", func, make, randomness != "error", (argnums, has_aux, randomness)
+            "jacfwd",
+            func,
+            make,
+            "always" if randomness != "error" else False,
+            (argnums, has_aux, randomness),
         )
 
     def hessian(self, func: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
@@ -288,13 +309,13 @@ class ChainBackend(Backend):
 
         return self._chained("hessian", func, make, True, (argnums,))
 
-    # vjp, jvp and linearize run at once: the call itself is chained.
+    # vjp, jvp and linearize run at once: the call itself is chained, without
+    # building a transform wrapper first (see _now).
 
     def vjp(self, func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:
-        def make(backend: Backend) -> Callable[..., Any]:
-            return functools.partial(backend.vjp, func, has_aux=has_aux)
-
-        return self._chained("vjp", func, make, True)(*primals)
+        if _running.depth:  # inside a native transform: its outer call decides
+            return self.native_backend.vjp(func, *primals, has_aux=has_aux)
+        return self._now("vjp", func, primals, {"has_aux": has_aux})
 
     def jvp(
         self,
@@ -305,16 +326,14 @@ class ChainBackend(Backend):
         strict: bool = False,
         has_aux: bool = False,
     ) -> Any:
-        def make(backend: Backend) -> Callable[..., Any]:
-            return functools.partial(backend.jvp, func, strict=strict, has_aux=has_aux)
-
-        return self._chained("jvp", func, make, True)(primals, tangents)
+        if _running.depth:
+            return self.native_backend.jvp(func, primals, tangents, strict=strict, has_aux=has_aux)
+        return self._now("jvp", func, (primals, tangents), {"strict": strict, "has_aux": has_aux})
 
     def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
-        def make(backend: Backend) -> Callable[..., Any]:
-            return functools.partial(backend.linearize, func)
-
-        return self._chained("linearize", func, make, True)(*primals)  # type: ignore[no-any-return]
+        if _running.depth:
+            return self.native_backend.linearize(func, *primals)
+        return self._now("linearize", func, primals, {})  # type: ignore[no-any-return]
 
     def fjacrev(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
         """The native backend's: ``fjacrev`` never falls back."""
@@ -334,12 +353,30 @@ class ChainBackend(Backend):
 
     # -- the mechanism ------------------------------------------------------------------
 
+    def _built(
+        self, transform: str, func: Callable[..., Any], args: Tuple[Any, ...]
+    ) -> Optional[Callable[..., Any]]:
+        """The transform :meth:`_chained` built and kept on ``func`` for these arguments, if any.
+
+        The lookup :meth:`_chained` starts with, for a caller that would
+        otherwise make a builder only to have it found unneeded.
+        """
+        if type(func) is not FunctionType:
+            return None
+        built = func.__dict__.get(_BUILT)
+        if built is None:
+            return None
+        try:
+            return built.get((self, transform, func, args))  # type: ignore[no-any-return]
+        except TypeError:  # unhashable arguments
+            return None
+
     def _chained(
         self,
         transform: str,
         func: Callable[..., Any],
         make: Callable[[Backend], Callable[..., Any]],
-        snapshot_rng: bool,
+        snapshot_rng: Any,
         args: Optional[Tuple[Any, ...]] = None,
     ) -> Callable[..., Any]:
         # Building the transform is on every call's path (adbackends.vmap(f)(x)
@@ -379,6 +416,12 @@ class ChainBackend(Backend):
         key = (self._names, transform, _identity(func))
         chain = self
         fallback_t: Optional[Callable[..., Any]] = None
+        # Until the function has once run natively, each call snapshots the
+        # generators so a retry sees the state the native attempt saw. After
+        # that the snapshot (about 1 us) is skipped, unless the caller asked
+        # for randomness, where it is always taken.
+        always_snapshot = snapshot_rng == "always"
+        snapshot = bool(snapshot_rng)
 
         def run_fallback(*args: Any, **kwargs: Any) -> Any:
             nonlocal fallback_t
@@ -396,14 +439,18 @@ class ChainBackend(Backend):
             running = _running
             if running.depth:  # inside a native transform: its outer call decides
                 return native_t(*args, **kwargs)
-            record = _memory.get(key)
+            record = _memory.get(key) if _memory else None
             if record is not None:
                 record.calls += 1
                 return run_fallback(*args, **kwargs)
-            rng = RngState() if snapshot_rng else None
+            nonlocal snapshot
+            rng = RngState() if snapshot else None
             running.depth = 1
             try:
-                return native_t(*args, **kwargs)
+                result = native_t(*args, **kwargs)
+                if not always_snapshot:
+                    snapshot = False
+                return result
             except Exception as exc:
                 refusal = native.cannot_transform(exc)
                 if refusal is None:
@@ -430,6 +477,79 @@ class ChainBackend(Backend):
             except TypeError:  # unhashable arguments
                 pass
         return call
+
+    def _now(
+        self,
+        transform: str,
+        func: Callable[..., Any],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+    ) -> Any:
+        """``transform(func, *args, **kwargs)`` run at once, as a :meth:`_chained` call runs it.
+
+        The same steps, for transforms that return results rather than a
+        function (vjp, jvp, linearize): the native backend first, with the
+        random generators restored and the fallback run where it refuses; a
+        function remembered as falling back goes straight to the fallback.
+        No wrapper is built, as nothing would keep it. Only called outside
+        native transforms (the callers check ``_running.depth``).
+        """
+        # Nothing remembered (the usual case): no key to make and look up yet.
+        key = (self._names, transform, _identity(func)) if _memory else None
+        record = _memory.get(key) if key is not None else None
+        if record is not None:
+            record.calls += 1
+            return self._run_fallback(transform, func, args, kwargs)
+        native = self.native_backend
+        good = (self._names, transform, _identity(func))
+        rng = None if good in _native_ok else RngState()
+        running = _running
+        running.depth = 1
+        try:
+            result = getattr(native, transform)(func, *args, **kwargs)
+            if rng is not None and len(_native_ok) < _NATIVE_OK_MAX:
+                _native_ok.add(good)
+            return result
+        except Exception as exc:
+            refusal = native.cannot_transform(exc)
+            if refusal is None:
+                raise
+            error = exc
+        finally:
+            running.depth = 0
+        if rng is not None:
+            rng.restore()
+        if key is None:
+            key = good
+        _remember(key, _Ran(key, transform, func), self, refusal)
+        try:
+            return self._run_fallback(transform, func, args, kwargs)
+        except Exception as second:
+            _attach(second, error, native.name)
+            raise
+
+    def _run_fallback(
+        self,
+        transform: str,
+        func: Callable[..., Any],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+    ) -> Any:
+        # As in _chained: the user has been told about this function already.
+        _running.quiet += 1
+        try:
+            return getattr(self.fallback_backend, transform)(func, *args, **kwargs)
+        finally:
+            _running.quiet -= 1
+
+
+class _Ran:
+    """Stands for a call run at once (vjp, jvp, linearize) where a fallback is remembered."""
+
+    __slots__ = ("__adbackends_chain__",)
+
+    def __init__(self, key: Tuple[Any, ...], transform: str, func: Any) -> None:
+        self.__adbackends_chain__ = (key, transform, func)
 
 
 def _remember(key: Tuple[Any, ...], call: Any, chain: ChainBackend, refusal: Refusal) -> None:

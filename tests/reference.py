@@ -19,6 +19,10 @@ torch >= 2.0 keeps the unchanged torch.func functions:
 * functorch before torch 2.0 refuses every ``autograd.Function`` under a
   transform: ``skip_if_no_reference`` marks the tests that only a reference
   running such a Function could check.
+
+Other gaps, of the reference or of what the loop can watch on this torch, are
+found out at run time by the functions at the end of this module, so that the
+tests that meet them say exactly where and why.
 """
 
 from __future__ import annotations
@@ -169,3 +173,114 @@ def linearize(func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..
         return _api("jvp")(func, primals, tangents)[1]
 
     return output, tangent_map
+
+
+# -- what this torch and its reference can do, found out at run time ------------
+
+
+def _function_mode_base() -> Any:
+    return getattr(torch.overrides, "TorchFunctionMode", None)
+
+
+@functools.lru_cache(maxsize=None)
+def function_modes() -> bool:
+    """Whether a torch function mode can be built directly (not on torch 1.12).
+
+    The loop's vmap follows which outputs were computed from a per-sample
+    argument with such a mode; without one it judges them by their values
+    (docs/loop.rst).
+    """
+    base = _function_mode_base()
+    if base is None:
+        return False
+
+    class _Mode(base):  # type: ignore[misc, valid-type]
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            return func(*args, **(kwargs or {}))
+
+    try:
+        _Mode()
+    except TypeError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def function_modes_see_indexing() -> bool:
+    """Whether ``Tensor.__getitem__`` passes through torch function modes.
+
+    It does not on torch 1.13 and 2.0: there the loop judges an output reached
+    by indexing a sample by its values (docs/loop.rst).
+    """
+    if not function_modes():
+        return False
+    seen = []
+
+    class _Mode(_function_mode_base()):  # type: ignore[misc]
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen.append(getattr(func, "__name__", None))
+            return func(*args, **(kwargs or {}))
+
+    value = torch.ones(2)
+    with _Mode():
+        value[:1]
+    return "__getitem__" in seen
+
+
+def _reference_raises(call: Callable[[], Any]) -> Optional[BaseException]:
+    try:
+        call()
+    except Exception as exc:  # inspected by the callers
+        return exc
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def vmap_breaks_on_new_tensor_with_out_dims_none() -> bool:
+    """Whether the reference's vmap fails on ``v.new_tensor(...)`` with
+    ``out_dims=None`` with an internal error ("DispatchKey FuncTorchBatched
+    doesn't correspond to a device": torch.func of torch 2.0) instead of
+    returning the unbatched tensor."""
+    if OLD or NAME is None:
+        return False
+    exc = _reference_raises(
+        lambda: vmap(lambda v: v.new_tensor([1.0]), out_dims=None)(torch.ones(2, 1))
+    )
+    return isinstance(exc, RuntimeError) and "doesn't correspond to a device" in str(exc)
+
+
+#: How torch.func's ValueError for a vmap with no batched input starts.
+NO_BATCHED_INPUT = "vmap: Expected at least one Tensor to vmap over"
+
+
+@functools.lru_cache(maxsize=None)
+def vmap_breaks_without_batched_input() -> bool:
+    """Whether the reference's vmap fails on a call with no batched input with
+    an ``IndexError`` of its own (functorch 0.2.1) instead of torch.func's
+    ``ValueError``."""
+    if NAME is None:
+        return False
+    exc = _reference_raises(lambda: vmap(lambda v: v, in_dims=(None,))(torch.ones(2)))
+    return isinstance(exc, IndexError)
+
+
+@functools.lru_cache(maxsize=None)
+def jvp_takes_integer_tensors() -> bool:
+    """Whether the reference's jvp computes with an integer primal or tangent
+    (functorch 0.2.1) where torch.func raises ``ValueError``; its jacfwd and
+    hessian, built on it, do not raise torch.func's error either."""
+    if NAME is None:
+        return False
+    x = torch.ones(2, dtype=torch.float64)
+    n = torch.ones(2, dtype=torch.long)
+    return _reference_raises(lambda: jvp(torch.sin, (x,), (n,))) is None
+
+
+@functools.lru_cache(maxsize=None)
+def jacfwd_takes_randomness() -> bool:
+    """Whether the reference's jacfwd has torch.func's ``randomness`` argument
+    (functorch 0.2.1 has none)."""
+    if NAME is None:
+        return False
+    exc = _reference_raises(lambda: jacfwd(torch.sin, randomness="error")(torch.ones(2)))
+    return not (isinstance(exc, TypeError) and "randomness" in str(exc))

@@ -119,7 +119,8 @@ def test_a_failing_backend_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch
 
 def test_forces_and_hessians_agree_across_backends() -> None:
     xs = bench.geometries(3)
-    ref = -torch.stack([torch.func.grad(bench.lennard_jones)(x) for x in xs])
+    # The reference uses plain autograd, which every supported torch has.
+    ref = -torch.stack([torch.autograd.functional.jacobian(bench.lennard_jones, x) for x in xs])
     for name in [n for n in BUILT_IN if n in adbackends.available()]:
         backend = adbackends.get(name)
         with warnings.catch_warnings():
@@ -217,6 +218,9 @@ def test_the_suite_keeps_the_parts_it_did_not_run(tmp_path: Path) -> None:
     _suite(tmp_path, "--parts", "P3")
     _suite(tmp_path, "--parts", "P2")
     data = json.loads((tmp_path / "results.json").read_text())
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    if int(major) < 2:  # torch 1.x results are kept apart, under their version
+        data = data["older_torch"][f"{major}.{minor}"]
     assert list(data["parts"]) == list(data["runs"]) == ["P2", "P3"]
 
 
@@ -281,6 +285,8 @@ def test_the_suite_rewrites_only_the_marked_block(
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_suite_starts_fresh_interpreters(tmp_path: Path) -> None:
+    if importlib.util.find_spec("torch.func") is None:
+        pytest.skip("P4 compares with plain torch.func, which this torch does not have")
     _suite(tmp_path, "--parts", "P4,P6")
     parts = json.loads((tmp_path / "results.json").read_text())["parts"]
     assert parts["P4"]["ratio"] > 0 and parts["P4"]["own_cost_ms"] > 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
@@ -407,6 +408,12 @@ def test_vmap(pair, data):
         outer_dims = tree_map(lambda d: None if d is None else 0, in_dims)
         return b.vmap(inner, outer_dims)(*call_args, **kwargs)
 
+    if all(d is None for d in dims) and ref.vmap_breaks_without_batched_input():
+        # functorch 0.2.1 (torch 1.12) fails on a map with no batched input
+        # with an IndexError of its own; the loop raises torch.func's error.
+        with pytest.raises(ValueError, match="^" + re.escape(ref.NO_BATCHED_INPUT)):
+            run(loop)
+        return
     _compare(lambda: run(loop), lambda: run(reference))
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from .._shared import ArgNums, RngState, normalize_argnums
 from ._loop_jacrev import (
+    _LEAF,
     _LEVEL_ATTR,
     _aux_leaf,
     _check_outputs,
@@ -119,14 +120,24 @@ class _Scope:
     def __exit__(self, *exc: Any) -> None:
         self.tag.active = False
 
-    def seeds(self, live: Sequence[Any]) -> List[Any]:
-        """Dummy cotangents for the double-vjp: ``J^T u`` is linear in these."""
+    def seeds(self, live: Sequence[Any], tag: bool = True) -> List[Any]:
+        """Dummy cotangents for the double-vjp: ``J^T u`` is linear in these.
+
+        ``tag=False`` leaves them untagged, for a caller that calls
+        :meth:`tag_all` once it knows a graph through them is handed back
+        (only such a graph is walked after this level has returned).
+        """
         import torch
 
         seeds = [torch.zeros_like(out).requires_grad_(True) for out in live]
-        for seed in seeds:
-            setattr(seed, _LEVEL_ATTR, self.tag)
+        if tag:
+            self.tag_all(seeds)
         return seeds
+
+    def tag_all(self, leaves: Sequence[Any]) -> None:
+        """Mark ``leaves`` as this level's own, retired when it returns."""
+        for leaf in leaves:
+            setattr(leaf, _LEVEL_ATTR, self.tag)
 
     def watch(self, extra: Sequence[Any] = ()) -> Optional[_OuterGraph]:
         """Start answering "reaches outside?", counting ``extra`` leaves as ours."""
@@ -150,8 +161,12 @@ class _Scope:
             import torch
 
             originals = {id(a): a for a in self.args if isinstance(a, torch.Tensor)}
-            for num, (_, s, n) in zip(self.nums, self.specs):
-                pairs = zip(self.own[s : s + n], flatten(self.args[num])[0])
+            for num, (spec, s, n) in zip(self.nums, self.specs):
+                arg = self.args[num]
+                if spec is _LEAF:  # a lone tensor, the usual case
+                    originals[id(self.own[s])] = arg
+                    continue
+                pairs = zip(self.own[s : s + n], flatten(arg)[0])
                 originals.update((id(new), old) for new, old in pairs)
             self._originals = originals
         return _aux_leaf(leaf, self._originals, self.graph)
@@ -225,10 +240,113 @@ def _transpose_products(live: Sequence[Any], own: Sequence[Any], seeds: Sequence
     """``J^T u`` per input (``None`` where unreachable), with a graph back to ``u``."""
     if not live:
         return [None] * len(own)
-    grads = _original_grad()(live, own, seeds, create_graph=True, allow_unused=True)
+    grads = _backward(live, own, seeds, True, True)
     # A gradient that does not depend on u (a backward that ignores its
     # cotangent) contributes nothing to J v.
     return [g if g is not None and g.requires_grad else None for g in grads]
+
+
+#: ``[grad, engine, has_torch_function]``: the last ``torch.autograd.grad``
+#: seen, the engine entry it stands for (``None`` where it is not torch's own,
+#: or torch has none), and torch's check for ``__torch_function__`` overrides.
+_ENGINE: List[Any] = [None, None, None]
+
+
+def _engine_for(grad: Any) -> Any:
+    """The autograd engine's entry behind ``grad``, where ``grad`` is torch's own."""
+    if grad is not _ENGINE[0]:
+        import torch
+
+        run: Any = None
+        code = getattr(grad, "__code__", None)
+        if (
+            code is not None
+            and code.co_name == "grad"
+            and code.co_filename == getattr(torch.autograd, "__file__", None)
+        ):
+            try:
+                from torch.autograd.graph import _engine_run_backward as run
+            except ImportError:  # older torch: torch.autograd.grad it is
+                pass
+        from torch.overrides import has_torch_function
+
+        _ENGINE[:] = [grad, run, has_torch_function]
+    return _ENGINE[1]
+
+
+def _backward(
+    outputs: Sequence[Any],
+    inputs: Sequence[Any],
+    cotangents: Sequence[Any],
+    retain_graph: bool,
+    create_graph: bool,
+) -> Tuple[Any, ...]:
+    """``torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)``, for tensors.
+
+    Where ``torch.autograd.grad`` is torch's own and would only check its
+    arguments and pass them on (plain tensors, no ``__torch_function__``,
+    cotangents shaped like the outputs), the engine is called as it calls it,
+    without the argument handling that costs about as much as a small
+    backward pass. Anything else goes through ``torch.autograd.grad``, with
+    its errors.
+    """
+    grad = _original_grad()
+    run = _engine_for(grad)
+    if run is not None and outputs and inputs:
+        outputs, inputs = tuple(outputs), tuple(inputs)
+        if not _ENGINE[2](outputs + inputs) and all(
+            out.shape == ct.shape and out.is_complex() == ct.is_complex() and not out.is_nested
+            for out, ct in zip(outputs, cotangents)
+        ):
+            return run(  # type: ignore[no-any-return]
+                outputs,
+                tuple(cotangents),
+                retain_graph,
+                create_graph,
+                inputs,
+                True,
+                accumulate_grad=False,
+            )
+    return grad(  # type: ignore[no-any-return]
+        outputs,
+        inputs,
+        cotangents,
+        retain_graph=retain_graph,
+        create_graph=create_graph,
+        allow_unused=True,
+    )
+
+
+def _per_row(
+    output: Any, inputs: Sequence[Any], rows: Sequence[Any], create_graph: bool
+) -> List[Tuple[Any, ...]]:
+    """:func:`_backward` of ``output`` once per cotangent in ``rows``, the graph retained.
+
+    The rows are one-hot rows, each shaped and typed like ``output``, so the
+    question of the engine call is answered once for all of them.
+    """
+    grad = _original_grad()
+    run = _engine_for(grad)
+    outputs, inputs = (output,), tuple(inputs)
+    if (
+        run is None
+        or not inputs
+        or not rows
+        or _ENGINE[2](outputs + inputs)
+        or output.is_nested
+        or output.shape != rows[0].shape
+        or output.is_complex() != rows[0].is_complex()
+    ):
+        return [
+            grad(
+                output, inputs, row, retain_graph=True, create_graph=create_graph, allow_unused=True
+            )
+            for row in rows
+        ]
+    return [
+        run(outputs, (row,), True, create_graph, inputs, True, accumulate_grad=False)
+        for row in rows
+    ]
 
 
 # -- grad and grad_and_value ---------------------------------------------------
@@ -465,23 +583,23 @@ def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:
 
 def _check_jvp_arguments(primals: Any, tangents: Any) -> Tuple[List[Any], List[Any]]:
     import torch
-    from torch.utils._pytree import tree_flatten
 
     if not isinstance(primals, tuple):
         raise RuntimeError(
             f"{_JVP}: Expected primals to be a tuple. E.g. it should be valid to call f(*primals)."
         )
-    if (
-        type(tangents) is tuple
-        and len(tangents) == len(primals)
-        and all(type(p) is torch.Tensor for p in primals)
-        and all(type(t) is torch.Tensor for t in tangents)
-        and primals
-    ):
+    if type(tangents) is tuple and len(tangents) == len(primals) and primals:
         # Flat tuples of plain tensors, the common case: no pytree walk needed.
+        tensor = torch.Tensor
         for primal, tangent in zip(primals, tangents):
-            _check_dual(primal, tangent)
-        return list(primals), list(tangents)
+            if type(primal) is not tensor or type(tangent) is not tensor:
+                break
+        else:
+            for primal, tangent in zip(primals, tangents):
+                _check_dual(primal, tangent)
+            return list(primals), list(tangents)
+    from torch.utils._pytree import tree_flatten
+
     flat_primals, primals_spec = tree_flatten(primals)
     flat_tangents, tangents_spec = tree_flatten(tangents)
     if primals_spec != tangents_spec:
@@ -569,23 +687,17 @@ def jvp(
         _check_jvp_outputs(out_leaves)
         live = [k for k, out in enumerate(out_leaves) if out.requires_grad]
         live_outs = [out_leaves[k] for k in live]
-        seeds = level.seeds(live_outs)
+        seeds = level.seeds(live_outs, tag=False)
         level.watch(seeds)
-        keep = outer_grad and (
-            level.needs_graph(live_outs) or any(t.requires_grad for t in flat_tangents)
-        )
+        outputs_attached = outer_grad and level.needs_graph(live_outs)
+        keep = outer_grad and (outputs_attached or any(t.requires_grad for t in flat_tangents))
+        if keep:  # the seeds are part of the graph handed back
+            level.tag_all(seeds)
         products = _transpose_products(live_outs, level.own, seeds)
         pairs = [(g, t) for g, t in zip(products, flat_tangents) if g is not None]
         columns: Sequence[Any] = [None] * len(live)
         if pairs:
-            columns = _original_grad()(
-                [g for g, _ in pairs],
-                seeds,
-                [t for _, t in pairs],
-                retain_graph=keep,
-                create_graph=keep,
-                allow_unused=True,
-            )
+            columns = _backward([g for g, _ in pairs], seeds, [t for _, t in pairs], keep, keep)
         by_output: Dict[int, Any] = dict(zip(live, columns))
         tangent_leaves = []
         for k, out in enumerate(out_leaves):
@@ -599,7 +711,20 @@ def jvp(
                 tangent_leaves.append(torch.zeros_like(out))
             else:
                 tangent_leaves.append(level.result(column))
-        output = unflatten([level.export(leaf) for leaf in out_leaves], out_spec)
+        if level.graph is not None and not outputs_attached:
+            # No output reaches outside: each is a primal handed back or detached.
+            pairs_back = list(zip(level.own, flat_primals))
+            exported = []
+            for leaf in out_leaves:
+                for new, old in pairs_back:
+                    if leaf is new or leaf is old:
+                        exported.append(old)
+                        break
+                else:
+                    exported.append(leaf.detach())
+            output = unflatten(exported, out_spec)
+        else:
+            output = unflatten([level.export(leaf) for leaf in out_leaves], out_spec)
         jvp_out = unflatten(tangent_leaves, out_spec)
         if has_aux:
             aux = unflatten([level.export(leaf) for leaf in aux_leaves], aux_spec)
@@ -633,7 +758,11 @@ def _forward_checks(
     args: Tuple[Any, ...], argnums: ArgNums, randomness: str
 ) -> Tuple[Tuple[int, ...], List[int]]:
     """torch.func's ``jacfwd`` checks, in its order: ``(positions, input numels)``."""
-    _error_if_complex("jacfwd", flatten(args)[0], "inputs")
+    import torch
+
+    # Arguments that are all tensors (the usual case) need no pytree walk.
+    flat_args = args if all(isinstance(a, torch.Tensor) for a in args) else flatten(args)[0]
+    _error_if_complex("jacfwd", flat_args, "inputs")
     nums = normalize_argnums(argnums, len(args))
     flat_primals = [leaf for num in nums for leaf in flatten(args[num])[0]]
     numels = [p.numel() for p in flat_primals]
@@ -685,7 +814,6 @@ def _jacfwd(
         keep = level.needs_graph(live_outs)
         own = level.own
         products = _transpose_products(live_outs, own, seeds)
-        grad_fn = _original_grad()
         # blocks[k][i]: d out_k / d own_i, shaped out.shape + own_i.shape.
         blocks: List[List[Any]] = [[None] * len(own) for _ in out_leaves]
         for i, (inp, product, n) in enumerate(zip(own, products, numels)):
@@ -693,12 +821,7 @@ def _jacfwd(
                 continue
             rows = _one_hot_rows(inp)
             # Column j takes the one-hot direction rows[n - 1 - j].
-            columns = [
-                grad_fn(
-                    product, seeds, row, retain_graph=True, create_graph=keep, allow_unused=True
-                )
-                for row in reversed(rows.unbind(0))
-            ]
+            columns = _per_row(product, seeds, list(reversed(rows.unbind(0))), keep)
             for s, k in enumerate(live):
                 if columns[0][s] is None:
                     continue
@@ -780,7 +903,6 @@ def _hessian(inner: Callable[..., Any], argnums: ArgNums, args: Tuple[Any, ...])
         gradients, spec = tree_flatten(inner(*level.primals))
         level.watch()
         own = level.own
-        grad_fn = _original_grad()
         hess = []
         for gradient in gradients:
             blocks: List[Any] = [None] * len(own)
@@ -788,12 +910,9 @@ def _hessian(inner: Callable[..., Any], argnums: ArgNums, args: Tuple[Any, ...])
                 # Rows of this gradient block alone (torch.func's outer transform is
                 # forward mode: each block's derivative is computed on its own).
                 keep = level.needs_graph([gradient])
-                rows = [
-                    grad_fn(
-                        gradient, own, row, retain_graph=True, create_graph=keep, allow_unused=True
-                    )
-                    for row in reversed(_one_hot_rows(gradient).unbind(0))
-                ]
+                rows = _per_row(
+                    gradient, own, list(reversed(_one_hot_rows(gradient).unbind(0))), keep
+                )
                 for i, inp in enumerate(own):
                     if rows and rows[0][i] is not None:
                         stacked = torch.stack([row[i] for row in rows])
@@ -930,14 +1049,7 @@ def linearize(func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..
                 reaches_outside or any(t.requires_grad for _, t in pairs)
             )
             with _no_inference_mode(), torch.enable_grad():
-                columns = _original_grad()(
-                    [g for g, _ in pairs],
-                    seeds,
-                    [t for _, t in pairs],
-                    retain_graph=True,
-                    create_graph=keep,
-                    allow_unused=True,
-                )
+                columns = _backward([g for g, _ in pairs], seeds, [t for _, t in pairs], True, keep)
         by_output = dict(zip(live, columns))
         leaves = []
         for k, out in enumerate(out_leaves):

@@ -182,10 +182,11 @@ class _OuterGraph:
             return id(tensor) not in self._own_leaves and not _retired(tensor)
         own_nodes, own_leaves, clean = self._own_nodes, self._own_leaves, self._clean
         stack = [root]
+        pop, push = stack.pop, stack.append
         # id -> node: holding the node keeps its id from being reused.
         seen: Dict[int, Any] = {}
         while stack:
-            node = stack.pop()
+            node = pop()
             key = id(node)
             if key in seen or key in clean:
                 continue
@@ -194,7 +195,9 @@ class _OuterGraph:
             seen[key] = node
             next_nodes = node.next_functions
             if next_nodes:
-                stack.extend([n for n, _ in next_nodes if n is not None])
+                for child, _ in next_nodes:
+                    if child is not None:
+                        push(child)
                 continue
             # A leaf's AccumulateGrad node: is the leaf ours?
             variable = getattr(node, "variable", None)
