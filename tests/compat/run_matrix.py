@@ -77,9 +77,9 @@ def _tox_command(args: argparse.Namespace) -> List[str]:
 
 
 def envlist(args: argparse.Namespace) -> List[str]:
-    """The environments tox.ini lists, in order."""
+    """The environments tox.ini's ``envlist`` names, in order (not ``lint``)."""
     out = subprocess.run(
-        [*_tox_command(args), "list", "--no-desc"],
+        [*_tox_command(args), "list", "--no-desc", "-d"],
         capture_output=True,
         text=True,
         env=_environ(),
