@@ -37,8 +37,8 @@ import functools
 import logging
 import threading
 import warnings
-from types import FunctionType
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
+from types import BuiltinFunctionType, FunctionType, MethodType
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from ._shared import ArgNums, RngState, external_stacklevel
 from .backend import Backend, Refusal
@@ -98,22 +98,233 @@ class _Record:
         self.calls = 0
 
 
-class _Depth(threading.local):
+class _Running(threading.local):
+    """What this thread is doing right now (not remembered: it unwinds with the calls)."""
+
     depth = 0  # native chain transforms running in this thread
     quiet = 0  # chain fallbacks running in this thread: they have warned already
 
 
-_running = _Depth()
-#: Where a chain keeps the transforms it built for a plain function, on the
-#: function itself: they live exactly as long as the function does.
+class FallbackLog:
+    """Everything the fallback chains remember, in one place with one reset.
+
+    * ``records``: each function that fell back, with its refusal (at most
+      :attr:`limit`; the oldest is forgotten first, and falls back again,
+      with a new warning, the next time it is called);
+    * ``immediate``: the attempts of calls run at once (vjp, jvp,
+      linearize), one per function and transform (at most
+      :attr:`immediate_limit`, the oldest dropped first);
+    * ``builds``: the transforms the chains built, found again by an
+      equivalent build (:class:`BuildCache`);
+    * ``running``: what this thread is doing now (a thread-local).
+
+    One instance, :data:`LOG`, serves the process; :func:`fallbacks` and
+    :func:`forget_fallbacks` are its doors.
+    """
+
+    def __init__(self, limit: int = 1024, immediate_limit: int = 1024) -> None:
+        self.limit = limit
+        self.immediate_limit = immediate_limit
+        self.lock = threading.Lock()
+        self.records: Dict[Any, _Record] = {}
+        self.immediate: Dict[Any, _Attempt] = {}
+        self.builds = BuildCache()
+        self.running = _Running()
+
+    def remember(self, key: Any, label: str, transform: str, names: Any, refusal: Refusal) -> bool:
+        """Record one fallback; ``True`` the first time ``key`` falls back."""
+        with self.lock:
+            record = self.records.get(key)
+            first = record is None
+            if record is None:
+                if len(self.records) >= self.limit:
+                    # Dicts keep insertion order: the first key is the oldest.
+                    del self.records[next(iter(self.records))]
+                record = self.records[key] = _Record(label, transform, names[0], names[1], refusal)
+            record.calls += 1
+        return first
+
+    def keep_immediate(self, key: Any, attempt: _Attempt) -> None:
+        with self.lock:
+            immediate = self.immediate
+            immediate[key] = attempt
+            while len(immediate) > self.immediate_limit:
+                del immediate[next(iter(immediate))]
+
+    def entries(self) -> List[Fallback]:
+        with self.lock:
+            records = list(self.records.values())
+        return [
+            Fallback(r.function, r.transform, r.native, r.fallback, *r.refusal, r.calls)
+            for r in records
+        ]
+
+    def forget(self) -> None:
+        """Forget what fell back (the next call tries the native backend again)."""
+        with self.lock:
+            self.records.clear()
+            self.immediate.clear()
+
+    def reset(self) -> None:
+        """Forget everything, the built transforms included."""
+        self.forget()
+        self.builds.clear()
+
+
+class BuildCache:
+    """The transforms the chains built, found again when the same build is asked for.
+
+    Building is on every call's path (``adbackends.vmap(f)(x)`` in a loop).
+    A build is the same when the chain, the transform, its arguments and the
+    function are; a function is the same when it would behave the same:
+
+    * a plain Python function: the same object, or one with the same code,
+      globals, closure cells and defaults (a ``lambda`` written in the call
+      and made anew on each pass of a loop);
+    * a bound method: the same function bound to the same object;
+    * ``functools.partial``: the same function, arguments and keywords (the
+      same objects);
+    * anything else hashable (a builtin such as ``torch.sin``, an
+      ``nn.Module``): the same object.
+
+    A plain function keeps its own builds (``__adbackends_built__``, at most
+    :attr:`per_function`), which live exactly as long as it does; a function
+    made with ``def`` is found only that way, because a ``def`` is kept by
+    its owner, and one made anew on every call (a closure) must not be kept
+    alive here. The rest (lambdas, builtins, methods, partials, modules) are
+    kept here too, at most :attr:`limit`, the least recently used dropped
+    first; each keeps the callable it wraps, and what that references, alive
+    until it is dropped or the log is reset.
+    """
+
+    per_function = 32
+    limit = 64
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: Dict[Any, Callable[..., Any]] = {}
+
+    def find(self, key: Any, func: Any) -> Optional[Callable[..., Any]]:
+        if type(func) is FunctionType:
+            own = func.__dict__.get(_BUILT)
+            if own is not None:
+                found = own.get(key)
+                if found is not None:
+                    return found  # type: ignore[no-any-return]
+            if func.__code__.co_name != "<lambda>":
+                return None  # a def keeps its own builds only
+        entries = self._entries
+        if not entries:
+            return None
+        shared = _equivalent(func)
+        if shared is None:
+            return None
+        try:
+            found = entries.pop((key, shared), None)
+        except TypeError:
+            return None
+        if found is not None:
+            entries[(key, shared)] = found  # most recently used last
+            if type(func) is FunctionType:
+                self._keep_own(func, key, found)
+        return found
+
+    def keep(self, key: Any, func: Any, call: Callable[..., Any]) -> None:
+        try:
+            hash(key)
+        except TypeError:  # unhashable arguments (a list of in_dims): not kept
+            return
+        if type(func) is FunctionType:
+            self._keep_own(func, key, call)
+            if func.__code__.co_name != "<lambda>":
+                return
+        shared = _equivalent(func)
+        if shared is None:
+            return
+        with self._lock:
+            entries = self._entries
+            try:
+                entries[(key, shared)] = call
+            except TypeError:  # unhashable arguments or defaults
+                return
+            while len(entries) > self.limit:
+                del entries[next(iter(entries))]
+
+    def _keep_own(self, func: Any, key: Any, call: Callable[..., Any]) -> None:
+        own = func.__dict__.get(_BUILT)
+        if own is None:
+            own = func.__dict__.setdefault(_BUILT, {})
+        if len(own) < self.per_function:
+            own[key] = call
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _typed(args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """``args`` as a key in which ``True``, ``1`` and ``1.0`` differ, as they do to torch.func."""
+    out = []
+    for value in args:
+        kind = type(value)
+        if kind is int or kind is str or value is None:
+            out.append(value)
+        elif kind is tuple:
+            out.append((tuple, _typed(value)))
+        else:
+            out.append((kind, value))
+    return tuple(out)
+
+
+#: Where a plain function keeps the transforms built for it.
 _BUILT = "__adbackends_built__"
-_BUILT_MAX = 32  # native chain transforms running in this thread
-_memory: Dict[Tuple[Any, ...], _Record] = {}
-#: Calls run at once (vjp, jvp, linearize) that have run natively: they skip
-#: the generator snapshot from then on.
-_native_ok: Set[Tuple[Any, ...]] = set()
-_NATIVE_OK_MAX = 4096
-_lock = threading.Lock()
+
+
+def _equivalent(func: Any) -> Any:
+    """A hashable key equal for callables that behave the same, or ``None``.
+
+    Identities (``id``) stand for closure cells, defaults and arguments:
+    their own ``==`` may compare contents (cells do, tensors broadcast). The
+    cached transform keeps the first such callable alive, so no ``id`` in a
+    live key can be reused.
+    """
+    kind = type(func)
+    if kind is FunctionType:
+        closure = func.__closure__
+        defaults = func.__defaults__
+        kwdefaults = func.__kwdefaults__
+        return (
+            func.__code__,
+            id(func.__globals__),
+            None if closure is None else tuple(map(id, closure)),
+            None if defaults is None else tuple(map(id, defaults)),
+            None if kwdefaults is None else tuple((k, id(v)) for k, v in kwdefaults.items()),
+        )
+    if kind is MethodType:
+        inner = _equivalent(func.__func__)
+        return None if inner is None else ("method", inner, id(func.__self__))
+    if kind is functools.partial:
+        inner = _equivalent(func.func)
+        if inner is None:
+            return None
+        return (
+            "partial",
+            inner,
+            tuple(map(id, func.args)),
+            tuple((k, id(v)) for k, v in func.keywords.items()),
+        )
+    try:
+        hash(func)
+    except TypeError:
+        return None
+    return ("object", id(func))
+
+
+#: The process's fallback log.
+LOG = FallbackLog()
 
 
 def fallbacks() -> List[Fallback]:
@@ -126,12 +337,7 @@ def fallbacks() -> List[Fallback]:
     >>> adbackends.fallbacks()
     []
     """
-    with _lock:
-        records = list(_memory.values())
-    return [
-        Fallback(r.function, r.transform, r.native, r.fallback, *r.refusal, r.calls)
-        for r in records
-    ]
+    return LOG.entries()
 
 
 def forget_fallbacks() -> None:
@@ -139,8 +345,7 @@ def forget_fallbacks() -> None:
 
     The warning is then given again on the next fallback.
     """
-    with _lock:
-        _memory.clear()
+    LOG.forget()
 
 
 # -- identity of a function across freshly built wrappers --------------------------------
@@ -153,6 +358,12 @@ def _identity(func: Any) -> Any:
     and rebuilt in a loop is one function. Transform wrappers built by a chain
     carry their own key, which includes the function they wrap.
     """
+    kind = type(func)
+    if kind is FunctionType:
+        marker = func.__dict__.get("__adbackends_chain__")
+        return func.__code__ if marker is None else marker[0]
+    if kind is BuiltinFunctionType:
+        return func
     marker = getattr(func, "__adbackends_chain__", None)
     if marker is not None:
         return marker[0]
@@ -199,9 +410,12 @@ class ChainBackend(Backend):
 
     origin = "chain"
 
-    def __init__(self, native: Backend, fallback: Backend) -> None:
+    def __init__(
+        self, native: Backend, fallback: Backend, log: Optional[FallbackLog] = None
+    ) -> None:
         self.native_backend = native
         self.fallback_backend = fallback
+        self.log = LOG if log is None else log
         self.name = f"{native.name}>{fallback.name}"
         self._names = (native.name, fallback.name)
 
@@ -214,6 +428,8 @@ class ChainBackend(Backend):
         return f"<adbackends chain {self.name!r}: {native!r}, then {fallback!r}>"
 
     # -- the transforms ---------------------------------------------------------------
+    # Each builds through _build (a transform wrapper) or runs through _now
+    # (vjp, jvp and linearize compute at once); both end in _attempt.
 
     def jacrev(
         self,
@@ -224,17 +440,18 @@ class ChainBackend(Backend):
         chunk_size: Optional[int] = None,
         _preallocate_and_copy: bool = False,
     ) -> Callable[..., Any]:
-        def make(backend: Backend) -> Callable[..., Any]:
-            return backend.jacrev(
+        return self._build(
+            "jacrev",
+            func,
+            (argnums, has_aux, chunk_size, _preallocate_and_copy),
+            lambda b: b.jacrev(
                 func,
                 argnums,
                 has_aux=has_aux,
                 chunk_size=chunk_size,
                 _preallocate_and_copy=_preallocate_and_copy,
-            )
-
-        return self._chained(
-            "jacrev", func, make, True, (argnums, has_aux, chunk_size, _preallocate_and_copy)
+            ),
+            True,
         )
 
     def vmap(
@@ -246,42 +463,33 @@ class ChainBackend(Backend):
         *,
         chunk_size: Optional[int] = None,
     ) -> Callable[..., Any]:
-        def make(backend: Backend) -> Callable[..., Any]:
-            return backend.vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
-
         # With randomness="error" a native vmap raises at the first random
         # draw, so nothing can have drawn before a refusal: no RNG snapshot.
-        return self._chained(
+        return self._build(
             "vmap",
             func,
-            make,
-            "always" if randomness != "error" else False,
             (in_dims, out_dims, randomness, chunk_size),
+            lambda b: b.vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size),
+            _ALWAYS if randomness != "error" else False,
         )
 
     def grad(
         self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
     ) -> Callable[..., Any]:
-        found = self._built("grad", func, (argnums, has_aux))
-        if found is not None:
-            return found
-
-        def make(backend: Backend) -> Callable[..., Any]:
-            return backend.grad(func, argnums, has_aux)
-
-        return self._chained("grad", func, make, True, (argnums, has_aux))
+        return self._build(
+            "grad", func, (argnums, has_aux), lambda b: b.grad(func, argnums, has_aux), True
+        )
 
     def grad_and_value(
         self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
     ) -> Callable[..., Any]:
-        found = self._built("grad_and_value", func, (argnums, has_aux))
-        if found is not None:
-            return found
-
-        def make(backend: Backend) -> Callable[..., Any]:
-            return backend.grad_and_value(func, argnums, has_aux)
-
-        return self._chained("grad_and_value", func, make, True, (argnums, has_aux))
+        return self._build(
+            "grad_and_value",
+            func,
+            (argnums, has_aux),
+            lambda b: b.grad_and_value(func, argnums, has_aux),
+            True,
+        )
 
     def jacfwd(
         self,
@@ -291,30 +499,19 @@ class ChainBackend(Backend):
         *,
         randomness: str = "error",
     ) -> Callable[..., Any]:
-        def make(backend: Backend) -> Callable[..., Any]:
-            return backend.jacfwd(func, argnums, has_aux, randomness=randomness)
-
         # As for vmap: with randomness="error" nothing draws before a refusal.
-        return self._chained(
+        return self._build(
             "jacfwd",
             func,
-            make,
-            "always" if randomness != "error" else False,
             (argnums, has_aux, randomness),
+            lambda b: b.jacfwd(func, argnums, has_aux, randomness=randomness),
+            _ALWAYS if randomness != "error" else False,
         )
 
     def hessian(self, func: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
-        def make(backend: Backend) -> Callable[..., Any]:
-            return backend.hessian(func, argnums)
-
-        return self._chained("hessian", func, make, True, (argnums,))
-
-    # vjp, jvp and linearize run at once: the call itself is chained, without
-    # building a transform wrapper first (see _now).
+        return self._build("hessian", func, (argnums,), lambda b: b.hessian(func, argnums), True)
 
     def vjp(self, func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:
-        if _running.depth:  # inside a native transform: its outer call decides
-            return self.native_backend.vjp(func, *primals, has_aux=has_aux)
         return self._now("vjp", func, primals, {"has_aux": has_aux})
 
     def jvp(
@@ -326,13 +523,9 @@ class ChainBackend(Backend):
         strict: bool = False,
         has_aux: bool = False,
     ) -> Any:
-        if _running.depth:
-            return self.native_backend.jvp(func, primals, tangents, strict=strict, has_aux=has_aux)
         return self._now("jvp", func, (primals, tangents), {"strict": strict, "has_aux": has_aux})
 
     def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
-        if _running.depth:
-            return self.native_backend.linearize(func, *primals)
         return self._now("linearize", func, primals, {})  # type: ignore[no-any-return]
 
     def fjacrev(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
@@ -353,49 +546,35 @@ class ChainBackend(Backend):
 
     # -- the mechanism ------------------------------------------------------------------
 
-    def _built(
-        self, transform: str, func: Callable[..., Any], args: Tuple[Any, ...]
-    ) -> Optional[Callable[..., Any]]:
-        """The transform :meth:`_chained` built and kept on ``func`` for these arguments, if any.
-
-        The lookup :meth:`_chained` starts with, for a caller that would
-        otherwise make a builder only to have it found unneeded.
-        """
-        if type(func) is not FunctionType:
-            return None
-        built = func.__dict__.get(_BUILT)
-        if built is None:
-            return None
+    def _build(
+        self,
+        transform: str,
+        func: Callable[..., Any],
+        args: Tuple[Any, ...],
+        make: Callable[[Backend], Callable[..., Any]],
+        snapshot: Any,
+    ) -> Callable[..., Any]:
+        """The chained transform of ``func``: built once, found again by an equivalent build."""
+        builds = self.log.builds
+        key = (self, transform, _typed(args))
         try:
-            return built.get((self, transform, func, args))  # type: ignore[no-any-return]
-        except TypeError:  # unhashable arguments
-            return None
+            found = builds.find(key, func)
+        except TypeError:  # unhashable arguments (a list of in_dims): build every time
+            return self._make(transform, func, make, snapshot)
+        if found is not None:
+            return found
+        call = self._make(transform, func, make, snapshot)
+        if getattr(call, "__adbackends_chain__", None) is not None:
+            builds.keep(key, func, call)
+        return call
 
-    def _chained(
+    def _make(
         self,
         transform: str,
         func: Callable[..., Any],
         make: Callable[[Backend], Callable[..., Any]],
-        snapshot_rng: Any,
-        args: Optional[Tuple[Any, ...]] = None,
+        snapshot: Any,
     ) -> Callable[..., Any]:
-        # Building the transform is on every call's path (adbackends.vmap(f)(x)
-        # in a loop): a transform built once for a plain function is kept on
-        # the function, keyed by this chain, the transform and its arguments,
-        # and found again by the next identical build.
-        built: Optional[Dict[Any, Any]] = None
-        build_key: Any = None
-        if args is not None and type(func) is FunctionType:
-            build_key = (self, transform, func, args)
-            built = func.__dict__.get(_BUILT)
-            if built is not None:
-                try:
-                    found = built.get(build_key)
-                except TypeError:  # unhashable arguments (a list of in_dims)
-                    build_key = None
-                else:
-                    if found is not None:
-                        return found  # type: ignore[no-any-return]
         native = self.native_backend
         try:
             native_t = make(native)
@@ -413,69 +592,16 @@ class ChainBackend(Backend):
                 self.fallback_backend.name,
             )
             return make(self.fallback_backend)
-        key = (self._names, transform, _identity(func))
-        chain = self
-        fallback_t: Optional[Callable[..., Any]] = None
-        # Until the function has once run natively, each call snapshots the
-        # generators so a retry sees the state the native attempt saw. After
-        # that the snapshot (about 1 us) is skipped, unless the caller asked
-        # for randomness, where it is always taken.
-        always_snapshot = snapshot_rng == "always"
-        snapshot = bool(snapshot_rng)
-
-        def run_fallback(*args: Any, **kwargs: Any) -> Any:
-            nonlocal fallback_t
-            if fallback_t is None:
-                fallback_t = make(chain.fallback_backend)
-            # Inner transforms that fall back in here are remembered, but the
-            # user has been told about this function once already.
-            _running.quiet += 1
-            try:
-                return fallback_t(*args, **kwargs)
-            finally:
-                _running.quiet -= 1
+        attempt = _Attempt(self, transform, func, native_t, make, snapshot)
+        running = self.log.running
+        run = attempt.run
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            running = _running
             if running.depth:  # inside a native transform: its outer call decides
                 return native_t(*args, **kwargs)
-            record = _memory.get(key) if _memory else None
-            if record is not None:
-                record.calls += 1
-                return run_fallback(*args, **kwargs)
-            nonlocal snapshot
-            rng = RngState() if snapshot else None
-            running.depth = 1
-            try:
-                result = native_t(*args, **kwargs)
-                if not always_snapshot:
-                    snapshot = False
-                return result
-            except Exception as exc:
-                refusal = native.cannot_transform(exc)
-                if refusal is None:
-                    raise
-                error = exc
-            finally:
-                running.depth = 0
-            if rng is not None:
-                rng.restore()
-            _remember(key, call, chain, refusal)
-            try:
-                return run_fallback(*args, **kwargs)
-            except Exception as second:
-                _attach(second, error, native.name)
-                raise
+            return run(args, kwargs)
 
-        call.__adbackends_chain__ = (key, transform, func)  # type: ignore[attr-defined]
-        if build_key is not None:
-            try:
-                if built is None:
-                    built = func.__dict__.setdefault(_BUILT, {})
-                if len(built) < _BUILT_MAX:
-                    built[build_key] = call
-            except TypeError:  # unhashable arguments
-                pass
+        call.__adbackends_chain__ = (attempt.key, transform, func)  # type: ignore[attr-defined]
         return call
 
     def _now(
@@ -485,97 +611,145 @@ class ChainBackend(Backend):
         args: Tuple[Any, ...],
         kwargs: Dict[str, Any],
     ) -> Any:
-        """``transform(func, *args, **kwargs)`` run at once, as a :meth:`_chained` call runs it.
+        """``transform(func, *args, **kwargs)`` run at once (vjp, jvp, linearize).
 
-        The same steps, for transforms that return results rather than a
-        function (vjp, jvp, linearize): the native backend first, with the
-        random generators restored and the fallback run where it refuses; a
-        function remembered as falling back goes straight to the fallback.
-        No wrapper is built, as nothing would keep it. Only called outside
-        native transforms (the callers check ``_running.depth``).
+        The attempt's "transform" is the backend's method itself, called with
+        ``func`` first; the attempt is kept per function (in the log), as a
+        built transform keeps its own.
         """
-        # Nothing remembered (the usual case): no key to make and look up yet.
-        key = (self._names, transform, _identity(func)) if _memory else None
-        record = _memory.get(key) if key is not None else None
-        if record is not None:
-            record.calls += 1
-            return self._run_fallback(transform, func, args, kwargs)
-        native = self.native_backend
-        good = (self._names, transform, _identity(func))
-        rng = None if good in _native_ok else RngState()
-        running = _running
+        book = self.log
+        if book.running.depth:  # inside a native transform: its outer call decides
+            return getattr(self.native_backend, transform)(func, *args, **kwargs)
+        key = (self._names, transform, _identity(func))
+        attempt = book.immediate.get(key)
+        if attempt is None:
+            native = getattr(self.native_backend, transform)
+            # Kept without the function itself (it is passed on each run), so
+            # the log keeps nothing of the caller's alive.
+            attempt = _Attempt(self, transform, None, native, None, True, key)
+            book.keep_immediate(key, attempt)
+        return attempt.run((func, *args), kwargs)
+
+
+#: An attempt's ``snapshot`` besides ``True`` (until a native run) and
+#: ``False`` (never): always (the caller asked for randomness).
+_ALWAYS = "always"
+
+
+class _Attempt:
+    """One chained transform of one function: native first, the fallback where it must.
+
+    The one path every transform of a chain takes (:meth:`run`):
+
+    1. a function remembered as falling back goes straight to the fallback;
+    2. otherwise the random generators are snapshotted (until the function
+       has once run natively, or always where the caller asked for
+       randomness), and the native transform runs, marked as running so that
+       inner chain transforms stay native;
+    3. an exception the native backend refuses (its ``cannot_transform``)
+       restores the generators, is remembered and warned about once, and the
+       call runs on the fallback; any other exception is raised as it is.
+    """
+
+    __slots__ = ("chain", "fallback_t", "func", "key", "make", "native_t", "snapshot", "transform")
+
+    def __init__(
+        self,
+        chain: ChainBackend,
+        transform: str,
+        func: Any,
+        native_t: Callable[..., Any],
+        make: Optional[Callable[[Backend], Callable[..., Any]]],
+        snapshot: Any,
+        key: Any = None,
+    ) -> None:
+        # make(backend) builds the transform on another backend; None means
+        # the transform is that backend's method of the same name, called
+        # with the function first.
+        self.chain = chain
+        self.transform = transform
+        self.func = func
+        self.key = key if key is not None else (chain._names, transform, _identity(func))
+        self.native_t = native_t
+        self.make = make
+        self.snapshot = snapshot
+        self.fallback_t: Optional[Callable[..., Any]] = None
+
+    def run(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        chain = self.chain
+        book = chain.log
+        if book.records and self.key in book.records:
+            book.records[self.key].calls += 1
+            return self.on_fallback(args, kwargs)
+        rng = RngState() if self.snapshot else None
+        running = book.running
         running.depth = 1
         try:
-            result = getattr(native, transform)(func, *args, **kwargs)
-            if rng is not None and len(_native_ok) < _NATIVE_OK_MAX:
-                _native_ok.add(good)
-            return result
+            result = self.native_t(*args, **kwargs)
         except Exception as exc:
-            refusal = native.cannot_transform(exc)
+            refusal = chain.native_backend.cannot_transform(exc)
             if refusal is None:
                 raise
             error = exc
+        else:
+            if self.snapshot is True:
+                self.snapshot = False  # it ran natively: no snapshot from now on
+            return result
         finally:
             running.depth = 0
         if rng is not None:
             rng.restore()
-        if key is None:
-            key = good
-        _remember(key, _Ran(key, transform, func), self, refusal)
+        self.remember(refusal, args[0] if self.make is None else self.func)
         try:
-            return self._run_fallback(transform, func, args, kwargs)
+            return self.on_fallback(args, kwargs)
         except Exception as second:
-            _attach(second, error, native.name)
+            _attach(second, error, chain.native_backend.name)
             raise
 
-    def _run_fallback(
-        self,
-        transform: str,
-        func: Callable[..., Any],
-        args: Tuple[Any, ...],
-        kwargs: Dict[str, Any],
-    ) -> Any:
-        # As in _chained: the user has been told about this function already.
-        _running.quiet += 1
+    def on_fallback(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        fallback_t = self.fallback_t
+        if fallback_t is None:
+            other = self.chain.fallback_backend
+            make = self.make
+            fallback_t = getattr(other, self.transform) if make is None else make(other)
+            self.fallback_t = fallback_t
+        # Inner transforms that fall back in here are remembered, but the user
+        # has been told about this function once already.
+        running = self.chain.log.running
+        running.quiet += 1
         try:
-            return getattr(self.fallback_backend, transform)(func, *args, **kwargs)
+            return fallback_t(*args, **kwargs)
         finally:
-            _running.quiet -= 1
+            running.quiet -= 1
+
+    def remember(self, refusal: Refusal, func: Any) -> None:
+        from .probes import probing
+
+        if probing():  # a probe's own functions are not the user's
+            return
+        chain = self.chain
+        label = _label(_Marked(self.key, self.transform, func))
+        native, fallback = chain._names
+        if not chain.log.remember(self.key, label, self.transform, chain._names, refusal):
+            return
+        text = (
+            f"{native} cannot {self.transform} {_label(func)} "
+            f"({refusal.reason.rstrip('.')}). This call and later calls of it run on the "
+            f"{fallback} backend instead (adbackends.fallbacks() lists them). To let "
+            f"{native} transform it: {refusal.fix}."
+        )
+        log.info("%s", text)
+        if not chain.log.running.quiet:
+            warnings.warn(text, FallbackWarning, stacklevel=external_stacklevel())
 
 
-class _Ran:
-    """Stands for a call run at once (vjp, jvp, linearize) where a fallback is remembered."""
+class _Marked:
+    """Stands for a chained transform of ``func`` when labelling it."""
 
     __slots__ = ("__adbackends_chain__",)
 
     def __init__(self, key: Tuple[Any, ...], transform: str, func: Any) -> None:
         self.__adbackends_chain__ = (key, transform, func)
-
-
-def _remember(key: Tuple[Any, ...], call: Any, chain: ChainBackend, refusal: Refusal) -> None:
-    from .probes import probing
-
-    if probing():  # a probe's own functions are not the user's
-        return
-    quiet = _running.quiet > 0
-    _, transform, func = call.__adbackends_chain__
-    native, fallback = chain._names
-    with _lock:
-        record = _memory.get(key)
-        first = record is None
-        if first:
-            record = _memory[key] = _Record(_label(call), transform, native, fallback, refusal)
-        record.calls += 1  # type: ignore[union-attr]
-    if not first:
-        return
-    text = (
-        f"{native} cannot {transform} {_label(func)} ({refusal.reason.rstrip('.')}). This "
-        f"call and later calls of it run on the {fallback} backend instead "
-        f"(adbackends.fallbacks() lists them). To let {native} transform it: {refusal.fix}."
-    )
-    log.info("%s", text)
-    if not quiet:
-        warnings.warn(text, FallbackWarning, stacklevel=external_stacklevel())
 
 
 def _attach(second: BaseException, first: BaseException, native: str) -> None:
