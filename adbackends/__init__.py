@@ -152,7 +152,7 @@ def refresh() -> None:
     Call it after installing or removing a plugin while the program runs.
     Probe results of loaded backends are kept in memory.
     """
-    from ._probe_cache import clear_probe_cache
+    from .probes import clear_probe_cache
 
     clear_probe_cache(forget_loaded=False)
     _REGISTRY.refresh()

@@ -27,15 +27,17 @@ Where the file is:
 Nothing here runs at ``import adbackends``: the file is first read when a
 probe's answer is first needed.
 
-This module imports no other module of the package at run time, so that
-:mod:`adbackends.probes` can use it without an import cycle: the probes pass
-in what it needs to know about them, and the registry is consulted only when
-it is already imported (a backend it loaded cannot exist before it is).
+This module imports no other module of the package but ``_shared``, so that
+:mod:`adbackends.probes` can use it without an import cycle. It knows no
+backend: the probes' store hands it a backend's name and the key that
+identifies its code (which the registry worked out when it loaded the
+backend), and keeps what is read in that backend's record.
 
 Examples
 --------
 >>> import os, tempfile, torch, adbackends
->>> from adbackends._probe_cache import cache_file, clear_probe_cache, probe_origin
+>>> from adbackends._probe_cache import cache_file
+>>> from adbackends.probes import clear_probe_cache, probe_origin
 >>> saved = {k: os.environ.pop(k, None) for k in ("ADBACKENDS_CACHE_DIR", "ADBACKENDS_NO_CACHE")}
 >>> os.environ["ADBACKENDS_CACHE_DIR"] = tempfile.mkdtemp()
 >>> os.path.basename(cache_file())
@@ -62,12 +64,12 @@ import os
 import sys
 import threading
 import time
-import weakref
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
+from ._shared import NOTICES
+
 if TYPE_CHECKING:
-    from .backend import Backend
-    from .probes import Support
+    from .probes import Support, _Answers
 
 #: A probe's answer as stored: ``(ok, reason)``.
 Answer = Tuple[bool, Optional[str]]
@@ -78,9 +80,9 @@ __all__ = [
     "NO_CACHE_ENV",
     "cache_dir",
     "cache_file",
-    "clear_probe_cache",
+    "delete_files",
     "environment_key",
-    "probe_origin",
+    "fingerprint",
 ]
 
 log = logging.getLogger("adbackends")
@@ -100,20 +102,6 @@ _TMP_SUFFIX = ".tmp"
 _MAX_ENVIRONMENTS = 8
 #: A plugin's own files are fingerprinted only when there are at most this many.
 _MAX_FINGERPRINT_FILES = 500
-#: Only these origins name code that cannot change without a version number
-#: or a file changing.
-_CACHEABLE_ORIGINS = ("built-in", "plugin")
-
-# Per-backend state, in the backend's __dict__ like the probes' own cache.
-_MEMORY_ATTR = "_adbackends_probe_cache"  # the probes' own answers (adbackends.probes)
-_KEY_ATTR = "_adbackends_probe_disk_key"  # (probes version, keys or None)
-_DISK_ATTR = "_adbackends_probe_disk"  # answers read from the file
-_ORIGIN_ATTR = "_adbackends_probe_origin"  # capability -> "cache" | "run"
-
-_logged: set = set()
-_log_lock = threading.Lock()
-# Backends whose answers this module has seen, so that clearing can forget them.
-_seen: weakref.WeakSet[Backend] = weakref.WeakSet()
 
 
 # -- where ----------------------------------------------------------------------
@@ -194,51 +182,12 @@ def environment_key(probes_version: int) -> Dict[str, Any]:
     key: Dict[str, Any] = _python()
     key["torch"] = str(torch.__version__)
     key["adbackends"] = str(__version__)
-    key["adbackends_files"] = _fingerprint(os.path.dirname(os.path.abspath(__file__)))
+    key["adbackends_files"] = fingerprint(os.path.dirname(os.path.abspath(__file__)))
     key["probes"] = probes_version
     return key
 
 
-def _backend_key(backend: Backend) -> Optional[Dict[str, Any]]:
-    """What identifies the code of ``backend``, or ``None`` when it must not be cached."""
-    origin = backend.origin
-    if origin not in _CACHEABLE_ORIGINS:
-        return None
-    # Looked up, not imported: the registry imports the probes, which import
-    # this module. A backend the registry loaded implies it is imported.
-    registry = sys.modules.get("adbackends.registry")
-    if registry is None:
-        return None
-    # Only the registry's own object for the name: an instance made some
-    # other way (a subclass, a copy under test) is code we cannot identify.
-    if registry.REGISTRY.loaded(backend.name) is not backend:
-        return None
-    cls = type(backend)
-    key: Dict[str, Any] = {
-        "origin": origin,
-        "class": f"{cls.__module__}.{cls.__qualname__}",
-        "version": str(backend.version),
-    }
-    if origin == "built-in":
-        if backend.name not in registry.BUILTINS or not cls.__module__.startswith("adbackends."):
-            return None
-        return key
-    entry = registry.REGISTRY.entry(backend.name)
-    if (
-        entry.origin != "plugin"
-        or not backend.distribution
-        or entry.distribution != backend.distribution
-        or not entry.dist_version
-    ):
-        return None
-    key["distribution"] = backend.distribution
-    key["dist_version"] = entry.dist_version
-    # An editable install keeps its version while its code changes.
-    key["files"] = _module_fingerprint(cls.__module__)
-    return key
-
-
-def _fingerprint(directory: str) -> Optional[List[int]]:
+def fingerprint(directory: str) -> Optional[List[int]]:
     """``[files, total size, newest mtime in ns]`` of the ``.py`` files under ``directory``."""
     count = size = newest = 0
     stack = [directory]
@@ -261,163 +210,81 @@ def _fingerprint(directory: str) -> Optional[List[int]]:
     return [count, size, newest]
 
 
-def _module_fingerprint(module_name: str) -> Optional[List[int]]:
-    """The fingerprint of the package that defines ``module_name`` (or of its file)."""
-    top = sys.modules.get(module_name.partition(".")[0])
-    paths = list(getattr(top, "__path__", None) or [])
-    if len(paths) == 1:
-        found = _fingerprint(paths[0])
-        if found is not None:
-            return found
-    path = getattr(sys.modules.get(module_name), "__file__", None)
-    if not path:
-        return None
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return [1, info.st_size, info.st_mtime_ns]
-
-
-def _keys(backend: Backend, probes_version: int) -> Optional[Tuple[Dict[str, Any], Dict[str, Any]]]:
-    """(environment key, backend key) for ``backend``, worked out once per backend."""
-    memo = backend.__dict__.get(_KEY_ATTR)
+def _keys(record: _Answers, probes_version: int) -> Optional[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """(environment key, backend key) for a backend's record, worked out once per record."""
+    memo = record.keys
     if memo is not None and memo[0] == probes_version:
         return memo[1]
     keys: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None
-    backend_key = _backend_key(backend)
-    if backend_key is not None:
-        keys = (environment_key(probes_version), backend_key)
-    backend.__dict__[_KEY_ATTR] = (probes_version, keys)
+    identity = None if record.identity is None else record.identity()
+    if identity is not None:
+        keys = (environment_key(probes_version), identity)
+    record.keys = (probes_version, keys)
     return keys
 
 
-# -- the hook used by run_probe -------------------------------------------------------
+# -- the hooks used by the probes' store ------------------------------------------------
 
 
-def recall(backend: Backend, capability: str, probes_version: int) -> Optional[Answer]:
-    """The stored answer ``(ok, reason)`` of probe ``capability`` for ``backend``, or ``None``.
+def recall(record: _Answers, name: str, capability: str, probes_version: int) -> Optional[Answer]:
+    """The stored answer ``(ok, reason)`` of probe ``capability``, or ``None``.
 
-    The file is read at most once per backend and process. Never raises.
+    ``record`` is the backend's record in the probes' store (its identity,
+    and the answers read for it). The file is read at most once per record.
+    Never raises.
     """
     try:
-        _watch(backend)
-        answers = backend.__dict__.get(_DISK_ATTR)
+        answers = record.disk
         if answers is None:
             path = cache_file()
             if path is None:
                 return None
             answers = {}
-            keys = _keys(backend, probes_version)
+            keys = _keys(record, probes_version)
             if keys is not None:
                 document = _read(path)
                 if document is not None:
-                    answers = _answers(document, keys, backend.name, path)
-            backend.__dict__[_DISK_ATTR] = answers
+                    answers = _answers(document, keys, name, path)
+            record.disk = answers
         found = answers.get(capability)
         if found is not None:
-            backend.__dict__.setdefault(_ORIGIN_ATTR, {})[capability] = "cache"
-            log.debug("probe %s on backend %r: answer from disk", capability, backend.name)
+            record.origin[capability] = "cache"
+            log.debug("probe %s on backend %r: answer from disk", capability, name)
         return found
     except Exception as exc:  # the cache must never break a transform
         log.debug("probe cache not read: %s: %s", type(exc).__name__, exc)
         return None
 
 
-def remember(backend: Backend, support: Support, probes_version: int) -> None:
+def remember(record: _Answers, name: str, support: Support, probes_version: int) -> None:
     """Note that ``support`` was found by running the probe, and store it. Never raises."""
     try:
-        _watch(backend)
-        backend.__dict__.setdefault(_ORIGIN_ATTR, {})[support.capability] = "run"
+        record.origin[support.capability] = "run"
         path = cache_file()
         if path is None:
             return
-        keys = _keys(backend, probes_version)
+        keys = _keys(record, probes_version)
         if keys is not None:
-            _store(path, keys, backend.name, support)
+            _store(path, keys, name, support)
     except Exception as exc:
         log.debug("probe cache not written: %s: %s", type(exc).__name__, exc)
 
 
-def probe_origin(backend: Backend, capability: Optional[str] = None) -> Optional[str]:
-    """Where ``backend``'s probe answers in this process came from.
-
-    Parameters
-    ----------
-    backend : Backend
-        The backend.
-    capability : str, optional
-        One probe; by default all of those answered so far.
-
-    Returns
-    -------
-    str or None
-        ``"cache"`` when every answer was read from the disk cache, ``"run"``
-        when at least one probe ran in this process, ``None`` when no answer
-        has been asked for yet.
-
-    Examples
-    --------
-    >>> import adbackends
-    >>> from adbackends._probe_cache import probe_origin
-    >>> backend = adbackends.Backend()
-    >>> probe_origin(backend) is None
-    True
-    """
-    origins: Dict[str, str] = backend.__dict__.get(_ORIGIN_ATTR, {})
-    if capability is not None:
-        return origins.get(capability)
-    if not origins:
-        return None
-    return "run" if "run" in origins.values() else "cache"
-
-
-def clear_probe_cache(*, forget_loaded: bool = True) -> None:
-    """Delete the probe cache file (and temporary files a crash left behind).
-
-    Parameters
-    ----------
-    forget_loaded : bool
-        Also forget the answers that backends in this process hold, so that
-        their probes run again when next needed. With ``False`` they keep
-        them (and do not write them back to disk).
-
-    Examples
-    --------
-    >>> import os, tempfile, adbackends
-    >>> from adbackends._probe_cache import cache_file, clear_probe_cache
-    >>> os.environ["ADBACKENDS_CACHE_DIR"] = tempfile.mkdtemp()
-    >>> _ = adbackends.get("loop").supports("transforms")
-    >>> clear_probe_cache()
-    >>> os.path.exists(cache_file())
-    False
-    >>> del os.environ["ADBACKENDS_CACHE_DIR"]
-    """
+def delete_files() -> None:
+    """Delete the probe cache file and temporary files a crash left behind."""
     directory = cache_dir()
-    if directory is not None:
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            names = []
-        for name in names:
-            if name == _FILE_NAME or (name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX)):
-                try:
-                    os.remove(os.path.join(directory, name))
-                except OSError as exc:
-                    log.debug("could not remove %s: %s", name, exc)
-    if forget_loaded:
-        # Without the probes' lock: a probe finishing meanwhile stores its
-        # answer in a dict no longer reachable, and it is probed again.
-        for backend in list(_seen):
-            for attr in (_MEMORY_ATTR, _DISK_ATTR, _ORIGIN_ATTR, _KEY_ATTR):
-                backend.__dict__.pop(attr, None)
-
-
-def _watch(backend: Backend) -> None:
+    if directory is None:
+        return
     try:
-        _seen.add(backend)
-    except TypeError:  # not weakly referenceable: it cannot be forgotten, only kept
-        pass
+        names = os.listdir(directory)
+    except OSError:
+        names = []
+    for name in names:
+        if name == _FILE_NAME or (name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX)):
+            try:
+                os.remove(os.path.join(directory, name))
+            except OSError as exc:
+                log.debug("could not remove %s: %s", name, exc)
 
 
 # -- the file ---------------------------------------------------------------------------
@@ -425,11 +292,8 @@ def _watch(backend: Backend) -> None:
 
 def _log_once(message: str, *args: Any) -> None:
     text = message % args
-    with _log_lock:
-        if text in _logged:
-            return
-        _logged.add(text)
-    log.info(text)
+    if NOTICES.first(("probe cache", text)):
+        log.info(text)
 
 
 def _read(path: str) -> Optional[Dict[str, Any]]:

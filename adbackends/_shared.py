@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from typing import Any, Iterator, List, Optional, Tuple, Union
 
 __all__ = [
+    "NOTICES",
     "ArgNums",
+    "Notices",
     "RngState",
     "check_capability_names",
     "external_stacklevel",
@@ -25,6 +28,49 @@ __all__ = [
 
 #: What ``argnums`` may be: one position or a tuple of positions.
 ArgNums = Union[int, Tuple[int, ...]]
+
+
+# -- one-time notices -------------------------------------------------------------
+
+
+class Notices:
+    """The notices given once per process (a deprecation warning, a log line), by key.
+
+    One instance, :data:`NOTICES`, holds them all, so that one
+    :meth:`reset` gives every notice again.
+
+    Examples
+    --------
+    >>> from adbackends._shared import Notices
+    >>> notices = Notices()
+    >>> notices.first("functorch deprecated"), notices.first("functorch deprecated")
+    (True, False)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._given: set = set()
+
+    def first(self, key: Any) -> bool:
+        """``True`` the first time ``key`` is asked for (then never again until reset)."""
+        if key in self._given:
+            return False
+        with self._lock:
+            if key in self._given:
+                return False
+            self._given.add(key)
+            return True
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._given
+
+    def reset(self) -> None:
+        with self._lock:
+            self._given.clear()
+
+
+#: The process's one-time notices.
+NOTICES = Notices()
 
 
 # -- argnums -------------------------------------------------------------------

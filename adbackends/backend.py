@@ -20,16 +20,28 @@ not implement, this base class derives where the derivation is exact:
 :class:`~adbackends.CapabilityError` naming what the backend would need.
 :meth:`Backend.transforms` says which is which for a backend.
 
-A backend knows nothing about other backends. ``fjacrev``/``fvmap`` of a
-backend without native transforms are served by another one; which one is
-decided by :mod:`adbackends.selection`, which installs itself here as the
-resolver (:func:`set_native_resolver`) when it is imported.
+A backend knows nothing about other backends. What it needs to know about
+them is handed to it by whoever loads it, as :attr:`Backend.peers` (the
+registry, for every backend it loads): which backend serves ``fjacrev``/
+``fvmap`` for a backend without native transforms, and which backends an
+error message may suggest.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Tuple
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    List,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+)
 
 from ._shared import ArgNums, native_call
 from .errors import CapabilityError
@@ -40,8 +52,8 @@ __all__ = [
     "CONTRACT_VERSION",
     "TRANSFORMS",
     "Backend",
+    "Peers",
     "Refusal",
-    "set_native_resolver",
 ]
 
 #: The version of the backend contract documented in "Writing a plugin".
@@ -76,8 +88,6 @@ _DERIVATIONS: Dict[str, str] = {
 
 _GRAD = "grad_and_value(f)(*args)"
 
-_native_resolver: Optional[Callable[[Backend], Backend]] = None
-
 
 class Refusal(NamedTuple):
     """A backend's word that it cannot transform a function (not that the function is wrong).
@@ -101,14 +111,27 @@ class Refusal(NamedTuple):
     fix: str
 
 
-def set_native_resolver(resolver: Optional[Callable[[Backend], Backend]]) -> None:
-    """Install the function that picks the backend serving ``fjacrev``/``fvmap``.
+class Peers(Protocol):
+    """The backends beside a backend, as it may ask about them.
 
-    :mod:`adbackends.selection` installs its own when imported; this hook
-    keeps this module free of any knowledge of other backends.
+    The registry is one (:class:`~adbackends.registry.Registry`), and hands
+    itself to every backend it loads as :attr:`adbackends.Backend.peers`.
     """
-    global _native_resolver
-    _native_resolver = resolver
+
+    def native_for(self, backend: Backend) -> Backend:
+        """The backend serving ``backend``'s ``fjacrev``/``fvmap``."""
+        ...
+
+    def alternatives(
+        self,
+        capability: str,
+        exclude: Sequence[str] = (),
+        *,
+        native: Optional[bool] = None,
+        probe: bool = True,
+    ) -> List[str]:
+        """Names of backends here that have ``capability``, best first, for error hints."""
+        ...
 
 
 def _native_only(transformed: Callable[..., Any]) -> Callable[..., Any]:
@@ -169,6 +192,15 @@ class Backend:
     origin: str = "built-in"
     #: The distribution that provides a plugin backend (``None`` for built-ins).
     distribution: Optional[str] = None
+
+    #: Capabilities the backend has by its construction (the loop backend runs
+    #: every autograd.Function, since it calls nothing but autograd). Named in
+    #: error hints where no probe may run; never a substitute for the probes.
+    by_construction: ClassVar[Tuple[str, ...]] = ()
+
+    #: The backends beside this one, set by the registry that loads it
+    #: (``None`` for a backend made by hand): see :class:`Peers`.
+    peers: Optional[Peers] = None
 
     def load(self) -> None:
         """Import what the backend needs. Raise ``ImportError`` if it cannot load.
@@ -413,16 +445,27 @@ class Backend:
         adbackends.BackendUnavailableError
             When no backend here has native composable transforms.
         adbackends.CapabilityError
-            When this backend has none and no resolver is installed (only
-            possible if :mod:`adbackends.selection` was never imported).
+            When this backend has none and has no :attr:`peers` to ask (a
+            backend made by hand, not loaded by the registry).
         """
-        resolver = _native_resolver
-        if resolver is not None:
-            return resolver(self)
+        peers = self.peers
+        if peers is not None:
+            return peers.native_for(self)
         support = self.supports("transforms")
         if support:
             return self
         raise CapabilityError(self.name, "transforms", str(support.reason))
+
+    def hints(self, capability: str, *, probe: bool = True) -> List[str]:
+        """Other backends here that have ``capability``, for an error message.
+
+        Asks :attr:`peers`; empty for a backend made by hand. ``probe=False``
+        runs no probe (for hints built inside a running transform).
+        """
+        peers = self.peers
+        if peers is None:
+            return []
+        return peers.alternatives(capability, (self.name,), probe=probe)
 
     # -- failures -------------------------------------------------------------
 

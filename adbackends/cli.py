@@ -22,9 +22,9 @@ def report() -> Dict[str, Any]:
     import torch
 
     from . import __version__
-    from ._probe_cache import cache_file, probe_origin
+    from ._probe_cache import cache_file
     from .errors import BackendError
-    from .probes import PROBES, tolerance_of
+    from .probes import PROBES, probe_origin, tolerance_of
     from .registry import REGISTRY
     from .selection import ENV_VAR, _choose, native_backend, require
 
@@ -168,7 +168,7 @@ _CLEAR_HELP = "delete the probe results stored on disk first, so every probe run
 
 def _cmd_report(args: argparse.Namespace) -> int:
     if args.clear_cache:
-        from ._probe_cache import clear_probe_cache
+        from .probes import clear_probe_cache
 
         clear_probe_cache()
     data = report()

@@ -109,17 +109,18 @@ class FallbackLog:
     """Everything the fallback chains remember, in one place with one reset.
 
     * ``records``: each function that fell back, with its refusal (at most
-      :attr:`limit`; the oldest is forgotten first, and falls back again,
+      ``limit``; the oldest is forgotten first, and falls back again,
       with a new warning, the next time it is called);
     * ``immediate``: the attempts of calls run at once (vjp, jvp,
       linearize), one per function and transform (at most
-      :attr:`immediate_limit`, the oldest dropped first);
+      ``immediate_limit``, the oldest dropped first);
     * ``builds``: the transforms the chains built, found again by an
       equivalent build (:class:`BuildCache`);
     * ``running``: what this thread is doing now (a thread-local).
 
-    One instance, :data:`LOG`, serves the process; :func:`fallbacks` and
-    :func:`forget_fallbacks` are its doors.
+    One instance, :data:`LOG`, serves the process;
+    :func:`adbackends.fallbacks` and :func:`adbackends.forget_fallbacks` are
+    its doors.
     """
 
     def __init__(self, limit: int = 1024, immediate_limit: int = 1024) -> None:
@@ -188,11 +189,11 @@ class BuildCache:
       ``nn.Module``): the same object.
 
     A plain function keeps its own builds (``__adbackends_built__``, at most
-    :attr:`per_function`), which live exactly as long as it does; a function
+    ``per_function``), which live exactly as long as it does; a function
     made with ``def`` is found only that way, because a ``def`` is kept by
     its owner, and one made anew on every call (a closure) must not be kept
     alive here. The rest (lambdas, builtins, methods, partials, modules) are
-    kept here too, at most :attr:`limit`, the least recently used dropped
+    kept here too, at most ``limit``, the least recently used dropped
     first; each keeps the callable it wraps, and what that references, alive
     until it is dropped or the log is reset.
     """

@@ -6,9 +6,15 @@ comparing with the closed-form result. Nothing is taken from a version number
 or from what a backend says about itself.
 
 Probes run lazily, at most once per backend and process (thread-safe), and are
-cached with the reason for a failure. A probe leaves no trace: the RNG state,
-grad mode, default dtype, deterministic-algorithms mode and warning filters are
-as they were before, and warnings raised inside a probe are not shown.
+cached with the reason for a failure. Every answer lives in one
+:class:`ProbeStore` (:data:`STORE`), which also keeps where each came from
+(run here, or read from the disk cache of :mod:`adbackends._probe_cache`) and
+the key that identifies a backend's code on disk, handed to it by whoever
+loaded the backend (:meth:`ProbeStore.identify`; the registry does).
+
+A probe leaves no trace: the RNG state, grad mode, default dtype,
+deterministic-algorithms mode and warning filters are as they were before,
+and warnings raised inside a probe are not shown.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, NamedTuple, Optional
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 from ._shared import RngState, summarize_exception
 from .errors import CapabilityError
@@ -27,12 +34,16 @@ if TYPE_CHECKING:
 __all__ = [
     "PROBES",
     "PROBES_VERSION",
+    "STORE",
+    "ProbeStore",
     "Support",
     "cached_support",
+    "clear_probe_cache",
     "describe",
+    "probe_origin",
     "probing",
-    "tolerance_of",
     "run_probe",
+    "tolerance_of",
 ]
 
 #: The version of the probe set. Bump it whenever a probe changes what it
@@ -71,9 +82,134 @@ class _Probe(NamedTuple):
     check: Callable[[Backend], None]
 
 
-_LOCK = threading.RLock()
-_CACHE_ATTR = "_adbackends_probe_cache"
-_ACTIVE = threading.local()
+class _Answers:
+    """One backend's record in the store."""
+
+    __slots__ = ("disk", "identity", "keys", "memory", "origin")
+
+    def __init__(self) -> None:
+        self.memory: Dict[str, Support] = {}  # capability -> answer
+        self.origin: Dict[str, str] = {}  # capability -> "run" | "cache"
+        self.disk: Optional[Dict[str, Any]] = None  # answers read from the file
+        # Works out what identifies the backend's code, for the file.
+        self.identity: Optional[Callable[[], Optional[Dict[str, Any]]]] = None
+        self.keys: Optional[Tuple[int, Any]] = None  # memo of the file's keys
+
+
+class _Activity(threading.local):
+    depth = 0  # probes running in this thread
+
+
+class ProbeStore:
+    """Every probe answer in this process: one record per backend, one lock, one reset.
+
+    A record lives as long as its backend (weakly keyed). :data:`STORE` is
+    the process's store; ``run_probe``, ``cached_support``,
+    :func:`probe_origin` and ``probing`` are its doors.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._records: weakref.WeakKeyDictionary[Any, _Answers] = weakref.WeakKeyDictionary()
+        # Backends that take no weak reference keep their records here.
+        self._pinned: Dict[int, Tuple[Any, _Answers]] = {}
+        self._activity = _Activity()
+
+    def record(self, backend: Backend) -> _Answers:
+        found = self.peek(backend)
+        if found is not None:
+            return found
+        with self.lock:
+            found = self.peek(backend)
+            if found is None:
+                found = _Answers()
+                try:
+                    self._records[backend] = found
+                except TypeError:
+                    self._pinned[id(backend)] = (backend, found)
+            return found
+
+    def peek(self, backend: Backend) -> Optional[_Answers]:
+        try:
+            return self._records.get(backend)
+        except TypeError:
+            pinned = self._pinned.get(id(backend))
+            return None if pinned is None else pinned[1]
+
+    def identify(
+        self, backend: Backend, identity: Optional[Callable[[], Optional[Dict[str, Any]]]]
+    ) -> None:
+        """Say how to tell what identifies ``backend``'s code, so its answers may be kept on disk.
+
+        ``identity`` is called when the disk cache is first used for the
+        backend (and again after :meth:`forget`); it returns a JSON-able
+        dict, or ``None`` for code that cannot be identified. ``None`` here
+        (the default for any backend) keeps the answers in memory only.
+        """
+        record = self.record(backend)
+        record.identity = identity
+        record.keys = None
+
+    def run(self, backend: Backend, capability: str) -> Support:
+        """Run (or recall) the probe ``capability`` for ``backend``."""
+        record = self.record(backend)
+        found = record.memory.get(capability)
+        if found is not None:
+            return found
+        if capability not in PROBES:
+            valid = ", ".join(repr(c) for c in PROBES)
+            raise ValueError(f"unknown capability {capability!r}; valid capabilities: {valid}")
+        from . import _probe_cache
+
+        stored = _probe_cache.recall(record, backend.name, capability, PROBES_VERSION)
+        with self.lock:
+            if capability not in record.memory:
+                if stored is None:
+                    self._activity.depth += 1
+                    try:
+                        support = _run_uncached(backend, capability)
+                    finally:
+                        self._activity.depth -= 1
+                    _probe_cache.remember(record, backend.name, support, PROBES_VERSION)
+                else:
+                    support = Support(capability, *stored)
+                record.memory[capability] = support
+            return record.memory[capability]
+
+    def cached(self, backend: Backend, capability: str) -> Optional[Support]:
+        """The probe's answer if it has run for ``backend`` already; runs nothing."""
+        record = self.peek(backend)
+        return None if record is None else record.memory.get(capability)
+
+    def origin(self, backend: Backend, capability: Optional[str] = None) -> Optional[str]:
+        record = self.peek(backend)
+        origins = {} if record is None else record.origin
+        if capability is not None:
+            return origins.get(capability)
+        if not origins:
+            return None
+        return "run" if "run" in origins.values() else "cache"
+
+    def probing(self) -> bool:
+        return self._activity.depth > 0
+
+    def forget(self, backend: Optional[Backend] = None) -> None:
+        """Forget answers in memory (of one backend, or all); identities are kept."""
+        with self.lock:
+            records = [self.peek(backend)] if backend is not None else self._all()
+            for record in records:
+                if record is not None:
+                    record.memory = {}
+                    record.origin = {}
+                    record.disk = None
+                    record.keys = None
+
+    def _all(self) -> list:
+        return list(self._records.values()) + [pair[1] for pair in self._pinned.values()]
+
+
+#: The process's probe answers.
+STORE = ProbeStore()
 
 
 def probing() -> bool:
@@ -83,37 +219,73 @@ def probing() -> bool:
     warning) for the user's own first call instead of spending them on a probe,
     whose warnings are hidden.
     """
-    return getattr(_ACTIVE, "depth", 0) > 0
+    return STORE.probing()
 
 
 def run_probe(backend: Backend, capability: str) -> Support:
     """Run (or recall) the probe ``capability`` for ``backend``."""
-    cache: Optional[Dict[str, Support]] = backend.__dict__.get(_CACHE_ATTR)
-    if cache is not None and capability in cache:
-        return cache[capability]
-    if capability not in PROBES:
-        valid = ", ".join(repr(c) for c in PROBES)
-        raise ValueError(f"unknown capability {capability!r}; valid capabilities: {valid}")
-    from . import _probe_cache
-
-    # Outside the lock: identifying a plugin asks the registry, which has its own.
-    stored = _probe_cache.recall(backend, capability, PROBES_VERSION)
-    with _LOCK:
-        cache = backend.__dict__.setdefault(_CACHE_ATTR, {})
-        if capability not in cache:
-            if stored is None:
-                support = _run_uncached(backend, capability)
-                _probe_cache.remember(backend, support, PROBES_VERSION)
-            else:
-                support = Support(capability, *stored)
-            cache[capability] = support
-        return cache[capability]
+    return STORE.run(backend, capability)
 
 
 def cached_support(backend: Backend, capability: str) -> Optional[Support]:
     """The probe's answer if it has run for ``backend`` already; runs nothing."""
-    cache: Optional[Dict[str, Support]] = backend.__dict__.get(_CACHE_ATTR)
-    return None if cache is None else cache.get(capability)
+    return STORE.cached(backend, capability)
+
+
+def probe_origin(backend: Backend, capability: Optional[str] = None) -> Optional[str]:
+    """Where ``backend``'s probe answers in this process came from.
+
+    Parameters
+    ----------
+    backend : Backend
+        The backend.
+    capability : str, optional
+        One probe; by default all of those answered so far.
+
+    Returns
+    -------
+    str or None
+        ``"cache"`` when every answer was read from the disk cache, ``"run"``
+        when at least one probe ran in this process, ``None`` when no answer
+        has been asked for yet.
+
+    Examples
+    --------
+    >>> import adbackends
+    >>> from adbackends.probes import probe_origin
+    >>> probe_origin(adbackends.Backend()) is None
+    True
+    """
+    return STORE.origin(backend, capability)
+
+
+def clear_probe_cache(*, forget_loaded: bool = True) -> None:
+    """Delete the probe cache file (and temporary files a crash left behind).
+
+    Parameters
+    ----------
+    forget_loaded : bool
+        Also forget the answers held in this process, so that probes run
+        again when next needed. With ``False`` they are kept (and not
+        written back to disk).
+
+    Examples
+    --------
+    >>> import os, tempfile, adbackends
+    >>> from adbackends._probe_cache import cache_file
+    >>> from adbackends.probes import clear_probe_cache
+    >>> os.environ["ADBACKENDS_CACHE_DIR"] = tempfile.mkdtemp()
+    >>> _ = adbackends.get("loop").supports("transforms")
+    >>> clear_probe_cache()
+    >>> os.path.exists(cache_file())
+    False
+    >>> del os.environ["ADBACKENDS_CACHE_DIR"]
+    """
+    from . import _probe_cache
+
+    _probe_cache.delete_files()
+    if forget_loaded:
+        STORE.forget()
 
 
 def describe(capability: str) -> str:
@@ -125,7 +297,6 @@ def _run_uncached(backend: Backend, capability: str) -> Support:
     import logging
 
     log = logging.getLogger("adbackends")
-    _ACTIVE.depth = getattr(_ACTIVE, "depth", 0) + 1
     try:
         with _pristine():
             PROBES[capability].check(backend)
@@ -140,8 +311,6 @@ def _run_uncached(backend: Backend, capability: str) -> Support:
             reason = summarize_exception(exc)
         log.debug("probe %s on backend %r failed: %s", capability, backend.name, reason)
         return Support(capability, False, reason)
-    finally:
-        _ACTIVE.depth -= 1
     log.debug("probe %s on backend %r passed", capability, backend.name)
     return Support(capability, True, None)
 

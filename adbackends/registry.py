@@ -35,15 +35,19 @@ that number before trusting its cache.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
+import os
 import re
+import sys
 import threading
-from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
-from ._shared import check_capability_names, summarize_exception
+from ._shared import check_capability_names, native_call_active, summarize_exception
 from .backend import CONTRACT_VERSION, CONTRACTS, Backend
 from .errors import BackendUnavailableError, PluginError, UnknownBackendError
+from .probes import STORE, cached_support
 
 __all__ = ["AUTO", "BUILTINS", "ENTRY_POINT_GROUP", "REGISTRY", "Entry", "Registry"]
 
@@ -114,6 +118,7 @@ class Registry:
         self._loaded: Dict[str, Backend] = {}
         self._failed: Dict[str, BackendUnavailableError] = {}
         self._reported: Set[str] = set()
+        self._native: Optional[Backend] = None
         #: Incremented by every change to the registry's contents.
         self.generation = 0
 
@@ -200,6 +205,10 @@ class Registry:
                 # Raised to whoever asked: a log line would say it twice.
                 log.debug("backend %r does not load: %s", name, exc)
                 raise
+            # Handed the backends beside it: for fjacrev/fvmap and error hints;
+            # and the probes are told what identifies its code on disk.
+            backend.peers = self
+            STORE.identify(backend, functools.partial(self._probe_identity, backend))
             self._loaded[name] = backend
             log.debug("loaded backend %r (%s)", name, entry.origin)
             return backend
@@ -257,6 +266,115 @@ class Registry:
                 ) from exc
             raise BackendUnavailableError(entry.name, reason, hint or _hint(entry)) from exc
         return backend
+
+    def _probe_identity(self, backend: Backend) -> Optional[Dict[str, Any]]:
+        """What identifies the code of ``backend``, for probe answers on disk.
+
+        Worked out when the probes first need it: the registry's own object
+        for the name only, as the registry holds it then.
+        """
+        if self._loaded.get(backend.name) is not backend:
+            return None
+        entry = self._entry_or_none(backend.name)
+        return None if entry is None else _probe_identity(backend, entry)
+
+    # -- the backends beside each other -----------------------------------------
+    # Every backend the registry loads gets the registry as its ``peers``
+    # (see :class:`~adbackends.backend.Peers`): a backend asks these two
+    # questions about the others without knowing or importing them.
+
+    def native_for(self, backend: Backend) -> Backend:
+        """The backend serving ``backend``'s ``fjacrev``/``fvmap``.
+
+        ``backend`` itself when it passes the ``transforms`` probe, else
+        :meth:`native_backend`.
+        """
+        return backend if backend.supports("transforms") else self.native_backend()
+
+    def native_backend(self) -> Backend:
+        """The first built-in backend here with native composable transforms.
+
+        Raises
+        ------
+        adbackends.BackendUnavailableError
+            When neither torch.func nor functorch works here; it says what to install.
+        """
+        cached = self._native
+        if cached is not None:
+            return cached
+        with self._lock:
+            if self._native is not None:
+                return self._native
+            reasons = []
+            for name in _BUILTINS:
+                try:
+                    backend = self.get(name)
+                except BackendUnavailableError as exc:
+                    reasons.append(f"{name}: {exc.reason}")
+                    continue
+                support = backend.supports("transforms")
+                if support:
+                    self._native = backend
+                    return backend
+                reasons.append(f"{name}: {support.reason}")
+        raise BackendUnavailableError(
+            "fjacrev/fvmap",
+            "no backend here has native composable transforms (" + "; ".join(reasons) + ")",
+            "Install torch >= 2.0 for torch.func, or functorch (bundled with "
+            "torch >= 1.13; pip install functorch==0.2.1 for torch 1.12)",
+        )
+
+    def alternatives(
+        self,
+        capability: str,
+        exclude: Sequence[str] = (),
+        *,
+        native: Optional[bool] = None,
+        probe: bool = True,
+    ) -> List[str]:
+        """Built-in backends here that have ``capability``, in listing order, for error hints.
+
+        Parameters
+        ----------
+        capability : str
+            The probe that failed.
+        exclude : sequence of str
+            Backends to leave out (the one that failed).
+        native : bool or None
+            Only backends with native transforms, as ``fjacrev``/``fvmap`` need.
+            ``None`` decides from the call being served: native-only inside
+            ``fjacrev``/``fvmap``.
+        probe : bool
+            Run probes that have not run yet. ``False`` uses cached answers
+            (and what a backend has by construction, such as the loop backend
+            running every autograd.Function) only, for hints built inside a
+            running transform, where no probe may run.
+        """
+        if native is None:
+            native = native_call_active()
+        names = []
+        for name in _BUILTINS:
+            if name in exclude:
+                continue
+            if probe:
+                if self.failure(name) is not None:
+                    continue
+                backend = self.get(name)
+                if (not native or backend.supports("transforms")) and backend.supports(capability):
+                    names.append(name)
+            elif self._cached_has(name, capability, native):
+                names.append(name)
+        return names
+
+    def _cached_has(self, name: str, capability: str, native: bool) -> bool:
+        if self.failure(name) is not None:  # loading runs no probe
+            return False
+        backend = self.get(name)
+        if native and not cached_support(backend, "transforms"):
+            return False
+        if capability in backend.by_construction:
+            return True
+        return bool(cached_support(backend, capability))
 
     # -- plugins --------------------------------------------------------------
 
@@ -374,6 +492,7 @@ class Registry:
                     if name not in _BUILTINS and name not in self._registered:
                         self._loaded.pop(name, None)
                         self._failed.pop(name, None)
+            self._native = None
             self.generation += 1
 
     def _scan(self) -> Dict[str, Entry]:
@@ -674,6 +793,52 @@ def _check_loaded(backend: Backend, entry: Entry) -> None:
         raise TypeError(
             f"backend {entry.name!r} gives version {version!r}; Backend.version must be a str"
         )
+
+
+def _probe_identity(backend: Backend, entry: Entry) -> Optional[Dict[str, Any]]:
+    """What identifies the code of a backend loaded here, so that its probe answers
+    may be kept on disk; ``None`` when nothing does (a backend registered from
+    code: nothing tells when such code changes)."""
+    origin = backend.origin
+    if origin not in ("built-in", "plugin") or origin != entry.origin:
+        return None
+    cls = type(backend)
+    key: Dict[str, Any] = {
+        "origin": origin,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "version": str(backend.version),
+    }
+    if origin == "built-in":
+        return key if cls.__module__.startswith("adbackends.") else None
+    if not backend.distribution or entry.distribution != backend.distribution:
+        return None
+    if not entry.dist_version:
+        return None
+    key["distribution"] = backend.distribution
+    key["dist_version"] = entry.dist_version
+    # An editable install keeps its version while its code changes.
+    key["files"] = _module_fingerprint(cls.__module__)
+    return key
+
+
+def _module_fingerprint(module_name: str) -> Optional[List[int]]:
+    """The fingerprint of the package that defines ``module_name`` (or of its file)."""
+    from ._probe_cache import fingerprint  # only once the disk cache is in use
+
+    top = sys.modules.get(module_name.partition(".")[0])
+    paths = list(getattr(top, "__path__", None) or [])
+    if len(paths) == 1:
+        found = fingerprint(paths[0])
+        if found is not None:
+            return found
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    if not path:
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return [1, info.st_size, info.st_mtime_ns]
 
 
 def _describe_backend(backend: Backend) -> str:

@@ -44,8 +44,8 @@ import threading
 import warnings
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from ._shared import external_stacklevel, native_call_active
-from .backend import Backend, set_native_resolver
+from ._shared import external_stacklevel
+from .backend import Backend
 from .errors import BackendError, BackendUnavailableError, UnknownBackendError
 from .registry import AUTO, REGISTRY
 
@@ -104,14 +104,12 @@ class _State:
         self.required: Tuple[str, ...] = DEFAULT_REQUIRED
         self.stamp: Tuple[int, Tuple[str, ...]] = (-1, ())
         self.auto: Optional[Choice] = None
-        self.native: Optional[Backend] = None
         self.env: Dict[str, Choice] = {}
         self.explicit: Dict[Tuple[str, str], Choice] = {}
         self.chains: Dict[Tuple[str, ...], Backend] = {}
 
     def forget(self) -> None:
         self.auto = None
-        self.native = None
         self.env = {}
         self.explicit = {}
         self.chains = {}
@@ -565,50 +563,14 @@ def _with_loop_fallback(choice: Choice) -> Choice:
 def native_backend() -> Backend:
     """The best backend here with native composable transforms (for fjacrev/fvmap).
 
+    The registry answers (:meth:`~adbackends.registry.Registry.native_backend`).
+
     Raises
     ------
     adbackends.BackendUnavailableError
         When neither torch.func nor functorch works here; it says what to install.
     """
-    state = _fresh()
-    cached = state.native
-    if cached is not None:
-        return cached
-    with state.lock:
-        if state.native is None:
-            reasons = []
-            for name in AUTO_ORDER:
-                try:
-                    backend = REGISTRY.get(name)
-                except BackendUnavailableError as exc:
-                    reasons.append(f"{name}: {exc.reason}")
-                    continue
-                support = backend.supports("transforms")
-                if support:
-                    state.native = backend
-                    break
-                reasons.append(f"{name}: {support.reason}")
-            else:
-                raise BackendUnavailableError(
-                    "fjacrev/fvmap",
-                    "no backend here has native composable transforms (" + "; ".join(reasons) + ")",
-                    "Install torch >= 2.0 for torch.func, or functorch (bundled with "
-                    "torch >= 1.13; pip install functorch==0.2.1 for torch 1.12)",
-                )
-        return state.native
-
-
-def _native_for(backend: Backend) -> Backend:
-    return backend if backend.supports("transforms") else native_backend()
-
-
-set_native_resolver(_native_for)
-
-#: Capabilities that the loop backend has by construction: it calls nothing
-#: but ``torch.autograd.grad``, which runs every autograd.Function. Named in
-#: hints without a probe, because a hint may be built inside a running
-#: transform, where no probe may run.
-_LOOP_BY_CONSTRUCTION = ("custom_function", "legacy_function")
+    return REGISTRY.native_backend()
 
 
 def alternatives(
@@ -620,51 +582,10 @@ def alternatives(
 ) -> List[str]:
     """Built-in backends here that have ``capability``, best first, for error hints.
 
-    Parameters
-    ----------
-    capability : str
-        The probe that failed.
-    exclude : sequence of str
-        Backends to leave out (the one that failed).
-    native : bool or None
-        Only backends with native transforms, as ``fjacrev``/``fvmap`` need.
-        ``None`` decides from the call being served: native-only inside
-        ``fjacrev``/``fvmap``.
-    probe : bool
-        Run probes that have not run yet. ``False`` uses cached answers only,
-        for hints built inside a running transform.
+    The registry answers (:meth:`~adbackends.registry.Registry.alternatives`,
+    whose parameters these are).
     """
-    if native is None:
-        native = native_call_active()
-    names = []
-    for name in AUTO_ORDER:
-        if name in exclude:
-            continue
-        if probe:
-            if REGISTRY.failure(name) is not None:
-                continue
-            backend = REGISTRY.get(name)
-            if (not native or backend.supports("transforms")) and backend.supports(capability):
-                names.append(name)
-        elif _cached_has(name, capability, native):
-            names.append(name)
-    return names
-
-
-def _cached_has(name: str, capability: str, native: bool) -> bool:
-    """Whether cached probe answers say ``name`` has ``capability`` (no probe runs)."""
-    from .probes import cached_support
-
-    backend = REGISTRY.loaded(name)
-    if name == "loop" and not native:
-        return capability in _LOOP_BY_CONSTRUCTION or (
-            backend is not None and bool(cached_support(backend, capability))
-        )
-    if backend is None:
-        return False
-    if native and not cached_support(backend, "transforms"):
-        return False
-    return bool(cached_support(backend, capability))
+    return REGISTRY.alternatives(capability, exclude, native=native, probe=probe)
 
 
 # -- for tests --------------------------------------------------------------------------

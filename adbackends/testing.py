@@ -62,6 +62,7 @@ __all__ = [
     "ConformanceError",
     "ConformanceReport",
     "check_backend",
+    "reset_state",
 ]
 
 #: (rtol, atol) for float64 values when the backend states no tolerance.
@@ -74,6 +75,36 @@ LOW_PRECISION_TOLERANCE: Tuple[float, float] = (1e-5, 1e-6)
 WAIVABLE: Dict[str, str] = {
     "jacrev_inner_no_grad": "torch.no_grad/detach inside the function stop differentiation",
 }
+
+
+def reset_state() -> None:
+    """Forget everything this process has chosen or remembered, as a new process would.
+
+    Each piece of state has one owner, and this asks each to reset:
+    selection (``use()``, ``require()`` and every cached choice), the
+    probes' answers in memory (:data:`adbackends.probes.STORE`; the file on
+    disk is kept), the fallback log with the transforms the chains built
+    (:data:`adbackends.fallback.LOG`) and the one-time notices. Installed
+    plugins and loaded backends stay. For tests that need a clean start.
+
+    Examples
+    --------
+    >>> import adbackends
+    >>> from adbackends.testing import reset_state
+    >>> _ = adbackends.use("loop")
+    >>> reset_state()
+    >>> adbackends.explain().source
+    'auto'
+    """
+    from . import selection
+    from ._shared import NOTICES
+    from .fallback import LOG
+    from .probes import STORE
+
+    selection._reset()
+    STORE.forget()
+    LOG.reset()
+    NOTICES.reset()
 
 
 class CheckResult(NamedTuple):

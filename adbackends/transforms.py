@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Tuple, Union
 
+from .backends import _hessian
 from .selection import _choose
 
 __all__ = [
@@ -37,8 +38,10 @@ __all__ = [
 #: ``"reverse"`` (``jacrev(jacrev(f))``, the default: faster on CPU at every
 #: size measured, and it needs no forward-mode rules) or ``"forward"``
 #: (``torch.func.hessian``, ``jacfwd(jacrev(f))``). ``None`` defers to the
-#: environment variable ``TAD_AD_HESSIAN``, then to ``"reverse"``. Read when
-#: a Hessian is built; results are the same either way. The loop backend is
+#: environment variable ``TAD_AD_HESSIAN``, then to ``"reverse"``. Read by
+#: :func:`hessian` when a Hessian is built, and handed to the backend (a
+#: backend's own ``hessian`` method, called directly, follows
+#: ``TAD_AD_HESSIAN``); results are the same either way. The loop backend is
 #: always reverse over reverse.
 hessian_strategy: Optional[str] = None
 
@@ -428,7 +431,11 @@ def hessian(
     >>> adbackends.vmap(adbackends.hessian(lambda t: (t**3).sum()))(torch.ones(4, 2)).shape
     torch.Size([4, 2, 2])
     """
-    return _choose().backend.hessian(func, argnums)
+    backend = _choose().backend
+    if hessian_strategy is None:
+        return backend.hessian(func, argnums)
+    with _hessian.requested(hessian_strategy, "adbackends.transforms.hessian_strategy"):
+        return backend.hessian(func, argnums)
 
 
 def linearize(func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:

@@ -37,6 +37,9 @@ nitpick_ignore = [
     ("py:class", "torch.Tensor"),
     ("py:class", "Tensor"),
 ]
+# Annotations written inside a module name its classes unqualified; these are
+# documented under their full names.
+nitpick_ignore += [("py:class", "Peers")]
 
 # -- autodoc and napoleon ----------------------------------------------------
 

@@ -290,6 +290,11 @@ def test_hessian_forward_strategy_still_handles_a_backward_only_function(
     cube = _backward_only()
     monkeypatch.setattr(adbackends.transforms, "hessian_strategy", "forward")
     x = _randn(4)
+    with adbackends.using(reference.name):  # the setting is handed down by adbackends.hessian
+        got = adbackends.hessian(lambda t: cube(t).sum())(x)
+    same(got, torch.diag(6 * x))
+    monkeypatch.setattr(adbackends.transforms, "hessian_strategy", None)
+    monkeypatch.setenv("TAD_AD_HESSIAN", "forward")  # what the backend's own method follows
     same(reference.hessian(lambda t: cube(t).sum())(x), torch.diag(6 * x))
 
 
@@ -350,9 +355,13 @@ def test_hessian_strategy_setting_wins_over_the_environment(
 ) -> None:
     monkeypatch.setenv("TAD_AD_HESSIAN", "reverse")
     monkeypatch.setattr(adbackends.transforms, "hessian_strategy", "forward")
-    from adbackends.backends import _hessian
-
-    assert _hessian.strategy() == "forward"
+    with caplog.at_level(logging.DEBUG, logger="adbackends"):
+        adbackends.hessian(lambda t: (t**3).sum())(_randn(3))
+    assert any("forward over reverse" in r.getMessage() for r in caplog.records)
+    assert not any("reverse over reverse" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(adbackends.transforms, "hessian_strategy", "sideways")
+    with pytest.raises(ValueError, match="hessian_strategy='sideways'"):
+        adbackends.hessian(lambda t: (t**3).sum())
 
 
 def test_bad_hessian_strategy_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,24 +14,11 @@ import pytest
 import torch
 
 import adbackends
-from adbackends import _probe_cache, _version, probes
-from adbackends._probe_cache import (
-    CACHE_DIR_ENV,
-    NO_CACHE_ENV,
-    cache_dir,
-    cache_file,
-    clear_probe_cache,
-    probe_origin,
-)
+from adbackends import _probe_cache, _version, probes, registry
+from adbackends._probe_cache import CACHE_DIR_ENV, NO_CACHE_ENV, cache_dir, cache_file
 from adbackends.backends.loop import LoopBackend
+from adbackends.probes import clear_probe_cache, probe_origin
 from adbackends.registry import REGISTRY
-
-_STATE = (
-    probes._CACHE_ATTR,
-    _probe_cache._DISK_ATTR,
-    _probe_cache._ORIGIN_ATTR,
-    _probe_cache._KEY_ATTR,
-)
 
 
 @pytest.fixture(autouse=True)
@@ -63,15 +50,15 @@ def _fresh(monkeypatch: pytest.MonkeyPatch, name: str) -> adbackends.Backend:
     if failure is not None:
         pytest.skip(f"{name} does not load here: {failure.reason}")
     backend = REGISTRY.get(name)
-    for attr in _STATE:
-        monkeypatch.delitem(backend.__dict__, attr, raising=False)
+    fresh = probes._Answers()
+    fresh.identity = probes.STORE.record(backend).identity  # what the registry said at load
+    monkeypatch.setitem(probes.STORE._records, backend, fresh)
     return backend
 
 
 def _forget(backend: adbackends.Backend) -> None:
     """What a new process knows about ``backend``: nothing but the file."""
-    for attr in _STATE:
-        backend.__dict__.pop(attr, None)
+    probes.STORE.forget(backend)
 
 
 def _document() -> Dict[str, Any]:
@@ -130,7 +117,7 @@ def test_a_new_process_reads_the_answers(tmp_path):
     script = textwrap.dedent(
         """
         import torch, adbackends
-        from adbackends._probe_cache import probe_origin
+        from adbackends.probes import probe_origin
         adbackends.vmap(torch.sin)(torch.zeros(2, 3))
         print(probe_origin(adbackends.get("torch.func")))
         """
@@ -172,7 +159,7 @@ _CHANGES = {
     "adbackends version": lambda mp: mp.setattr(_version, "__version__", "99.0"),
     "probes version": lambda mp: mp.setattr(probes, "PROBES_VERSION", probes.PROBES_VERSION + 1),
     "adbackends files": lambda mp: mp.setattr(
-        _probe_cache, "_fingerprint", lambda directory: [0, 0, 0]
+        _probe_cache, "fingerprint", lambda directory: [0, 0, 0]
     ),
     "backend version": lambda mp: mp.setattr(LoopBackend, "version", property(lambda self: "9.9")),
 }
@@ -243,7 +230,7 @@ def test_a_changed_plugin_invalidates(monkeypatch, runs, what):
             monkeypatch.setattr(REGISTRY, "entry", lambda name: changed)
             monkeypatch.setattr(plugin, "distribution", "someone-else")
         elif what == "files":
-            monkeypatch.setattr(_probe_cache, "_module_fingerprint", lambda module: [1, 2, 3])
+            monkeypatch.setattr(registry, "_module_fingerprint", lambda module: [1, 2, 3])
         else:
             monkeypatch.setattr(type(plugin), "version", property(lambda self: "0.0.dev0"))
 
@@ -363,7 +350,9 @@ def test_a_bad_file_is_ignored_and_rewritten(monkeypatch, runs, caplog, content)
     _write_raw(content)
     loop = _fresh(monkeypatch, "loop")
     caplog.set_level(logging.DEBUG, logger="adbackends")
-    _probe_cache._logged.clear()
+    from adbackends._shared import NOTICES
+
+    NOTICES.reset()
     assert not loop.supports("transforms")
     assert runs == ["loop:transforms"]
     document = _document()
@@ -512,8 +501,14 @@ def test_clear_removes_the_file_and_forgets_answers(monkeypatch, runs):
     assert runs == ["loop:legacy_function"] * 2
 
 
-def test_clear_knows_where_the_probes_keep_their_answers():
-    assert _probe_cache._MEMORY_ATTR == probes._CACHE_ATTR
+def test_the_file_holds_only_what_the_registry_identified(monkeypatch, runs):
+    made_by_hand = LoopBackend()  # the same class, not loaded by the registry
+    assert made_by_hand.supports("legacy_function")
+    assert not os.path.exists(str(cache_file()))  # nothing identifies its code
+    loop = _fresh(monkeypatch, "loop")
+    assert probes.STORE.record(loop).identity()["class"].endswith("LoopBackend")
+    assert loop.supports("legacy_function")
+    assert os.path.exists(str(cache_file()))
 
 
 def test_clear_can_keep_the_answers_in_memory(monkeypatch, runs):

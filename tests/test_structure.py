@@ -12,6 +12,7 @@ import ast
 import importlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -119,6 +120,72 @@ def test_the_import_graph_has_no_cycle() -> None:
             visit(module)
     # The checker sees edges: the selection module depends on the registry.
     assert "adbackends.registry" in graph["adbackends.selection"]
+
+
+#: The declared layers, lowest first. A module imports only from lower layers,
+#: and within its own layer only from its own group (the backends package
+#: imports its own helpers; the tools import each other).
+LAYERS: List[Dict[str, str]] = [
+    {"_shared": "leaf", "errors": "leaf", "_version": "leaf"},
+    {"_probe_cache": "disk"},
+    {"probes": "probes"},
+    {"backend": "base"},
+    {"backends": "backends", "fallback": "fallback"},
+    {"registry": "registry"},
+    {"selection": "selection"},
+    {"transforms": "transforms"},
+    {"": "public", "plugin": "public"},
+    {"cli": "tools", "testing": "tools", "pytest_plugin": "tools", "bench": "tools"},
+    {"__main__": "tools"},
+]
+
+
+def _place(module: str) -> tuple:
+    """(layer, group) of a package module."""
+    short = module[len("adbackends.") :] if module != "adbackends" else ""
+    for layer, groups in enumerate(LAYERS):
+        for prefix, group in groups.items():
+            if short == prefix or (prefix == "backends" and short.startswith("backends.")):
+                return layer, group
+    raise AssertionError(f"{module} has no declared layer: add it to LAYERS")
+
+
+def test_every_import_goes_down_the_declared_layers() -> None:
+    wrong = []
+    for module in ALL_MODULES:
+        layer, group = _place(module)
+        for target in _imports(module):
+            if module.startswith(target + "."):
+                continue  # a package's parent, imported first by Python itself
+            other_layer, other_group = _place(target)
+            if other_layer > layer or (other_layer == layer and other_group != group):
+                wrong.append(f"{module} (layer {layer}) imports {target} (layer {other_layer})")
+    assert not wrong, "imports that go up or across:\n" + "\n".join(wrong)
+
+
+def test_no_module_reaches_back_through_sys_modules() -> None:
+    pattern = re.compile(r"sys\.modules(?:\.get)?\s*[\[(]\s*[\"']adbackends")
+    found = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if pattern.search(path.read_text(encoding="utf-8"))
+    ]
+    assert found == []
+    # The check sees such a reach-back where one is written.
+    assert pattern.search('registry = sys.modules.get("adbackends.registry")')
+
+
+def test_backends_know_nothing_above_them() -> None:
+    for module in ALL_MODULES:
+        if module.startswith("adbackends.backends"):
+            assert _imports(module) <= {
+                m for m in ALL_MODULES if m.startswith("adbackends.backends")
+            } | {
+                "adbackends._shared",
+                "adbackends.errors",
+                "adbackends.backend",
+                "adbackends.probes",
+            }, module
 
 
 def test_backend_base_class_knows_no_other_backend() -> None:
@@ -432,11 +499,11 @@ def test_hints_name_only_backends_that_can_serve_the_call() -> None:
 
 def test_functorch_deprecation_warning_points_at_the_users_line(monkeypatch) -> None:
     _functorch_or_skip()
-    from adbackends.backends import functorch as ft
+    from adbackends._shared import NOTICES
 
     if not adbackends.get("functorch")._deprecated:
         pytest.skip("this functorch is not deprecated")
-    monkeypatch.setattr(ft, "_warned", False)
+    NOTICES.reset()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         with adbackends.using("functorch"):

@@ -7,9 +7,12 @@ n = 8, 0.30x at n = 128, 0.13x at n = 256 on torch 2.13, one thread) and
 needs no forward-mode rule, so a custom Function that defines only
 ``backward`` has a Hessian too. Both give the same values and structure.
 
-The strategy is read when a Hessian is built, from
-``adbackends.transforms.hessian_strategy`` or else the environment variable
-``TAD_AD_HESSIAN``: ``"reverse"`` (the default) or ``"forward"``. With
+The strategy is read when a Hessian is built: the one handed down by
+:func:`adbackends.hessian` (from ``adbackends.transforms.hessian_strategy``,
+through :func:`requested`), or else the environment variable
+``TAD_AD_HESSIAN``: ``"reverse"`` (the default) or ``"forward"``. This
+module never reads the setting itself: what a backend needs from above is
+passed in. With
 ``"forward"``, a call that the native ``hessian`` refuses for want of a jvp
 rule is computed reverse over reverse instead. A DEBUG line on the
 ``adbackends`` logger says which ran.
@@ -17,15 +20,17 @@ rule is computed reverse over reverse instead. A DEBUG line on the
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 from .._shared import ArgNums
-from ._native_refusals import classify
+from ._native_refusals import refusal_of
 
-__all__ = ["ENV_VAR", "STRATEGIES", "build", "strategy"]
+__all__ = ["ENV_VAR", "STRATEGIES", "build", "requested", "strategy"]
 
 #: The environment variable that picks the strategy when the setting is ``None``.
 ENV_VAR = "TAD_AD_HESSIAN"
@@ -35,13 +40,32 @@ STRATEGIES = ("reverse", "forward")
 log = logging.getLogger("adbackends")
 
 
-def strategy() -> str:
-    """The Hessian strategy in force: the module setting, the environment, or "reverse"."""
-    from .. import transforms
+#: The strategy handed down by the caller building a Hessian, and its source.
+_REQUESTED: contextvars.ContextVar[Optional[Tuple[str, str]]] = contextvars.ContextVar(
+    "adbackends_hessian_strategy", default=None
+)
 
-    chosen = transforms.hessian_strategy
-    source = "adbackends.transforms.hessian_strategy"
+
+@contextlib.contextmanager
+def requested(chosen: Optional[str], source: str) -> Iterator[None]:
+    """Build Hessians inside the block with ``chosen`` (``None``: the environment's)."""
     if chosen is None:
+        yield
+        return
+    token = _REQUESTED.set((chosen, source))
+    try:
+        yield
+    finally:
+        _REQUESTED.reset(token)
+
+
+def strategy() -> str:
+    """The Hessian strategy in force: the one requested, the environment's, or "reverse"."""
+    found = _REQUESTED.get()
+    if found is not None:
+        chosen: Optional[str] = found[0]
+        source = found[1]
+    else:
         chosen = os.environ.get(ENV_VAR) or None
         source = ENV_VAR
     if chosen is None:
@@ -77,7 +101,7 @@ def build(
         try:
             return native(*args)
         except (RuntimeError, NotImplementedError) as exc:
-            refusal = classify(exc)
+            refusal = refusal_of(exc)
             if refusal is None or refusal.kind != "function_without_jvp":
                 raise
         log.debug(

@@ -1,11 +1,17 @@
 """When torch.func or functorch cannot transform a function, and what would fix it.
 
 The native backends' :meth:`~adbackends.Backend.cannot_transform` hooks use
-:func:`classify`: it reads an exception raised by torch.func (or functorch,
+:func:`refusal_of`: it reads an exception raised by torch.func (or functorch,
 whose messages are the same) and says whether it means "this transform
 cannot handle this function", as opposed to an error in the function itself.
-The knowledge lives here, beside the two backends that raise these messages,
-and nowhere else in the package.
+The knowledge lives here, in one table (:data:`_KNOWN`) beside the two
+backends that raise these messages, and nowhere else in the package.
+
+An exception is read once: the answer is carried on the exception itself
+(its ``refusal`` attribute), so whoever asks again (an outer chain, the
+Hessian strategy, functorch's own refusal error) reads it instead of the
+message. :func:`refuse` attaches a refusal to an exception a backend raises
+itself.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Optional, Tuple
 from .._shared import summarize_exception
 from ..backend import Refusal
 
-__all__ = ["classify"]
+__all__ = ["classify", "refusal_of", "refuse", "function_capability"]
 
 _FUNCTION_FIX = (
     "write the autograd.Function in the setup_context style (forward(x) without ctx, "
@@ -24,7 +30,9 @@ _FUNCTION_FIX = (
 )
 
 #: (fragment of the message, kind, what would make the function transformable).
-#: Checked in order; the first fragment found in the message decides.
+#: Checked in order; the first fragment found in the message decides. The
+#: two refusals of an autograd.Function are also the capability a probe
+#: checks (:data:`_FUNCTION_CAPABILITY`).
 _KNOWN: Tuple[Tuple[str, str, str], ...] = (
     (
         "either (1) calling .item() on a Tensor or (2)",
@@ -75,10 +83,55 @@ _KNOWN: Tuple[Tuple[str, str, str], ...] = (
 )
 
 
+#: The refusals of an autograd.Function, and the capability each shows missing.
+_FUNCTION_CAPABILITY = {
+    # torch >= 2.0, a Function without setup_context (ctx style)
+    "legacy_function": "legacy_function",
+    # functorch 0.2 and torch 1.13: every Function, whatever its style
+    "autograd_function": "custom_function",
+}
+
+#: The attribute on which an exception carries its refusal (or ``None``).
+_ATTR = "refusal"
+_UNREAD = object()
+
+
+def refusal_of(exc: BaseException) -> Optional[Refusal]:
+    """The refusal ``exc`` carries, reading its message the first time only.
+
+    Examples
+    --------
+    >>> from adbackends.backends._native_refusals import refusal_of
+    >>> exc = RuntimeError("vmap: It looks like you're calling .item() on a Tensor.")
+    >>> refusal_of(exc).kind, exc.refusal.kind
+    ('item', 'item')
+    """
+    found = getattr(exc, _ATTR, _UNREAD)
+    if found is _UNREAD:
+        found = classify(exc)
+        refuse(exc, found)
+    return found if isinstance(found, Refusal) else None
+
+
+def refuse(exc: BaseException, refusal: Optional[Refusal]) -> BaseException:
+    """Attach ``refusal`` to ``exc`` (``None``: read, and not a refusal); returns ``exc``."""
+    try:
+        setattr(exc, _ATTR, refusal)
+    except (AttributeError, TypeError):  # an exception type that takes no attributes
+        pass
+    return exc
+
+
+def function_capability(refusal: Optional[Refusal]) -> Optional[str]:
+    """The capability a refusal of an autograd.Function shows missing, if it is one."""
+    return None if refusal is None else _FUNCTION_CAPABILITY.get(refusal.kind)
+
+
 def classify(exc: BaseException) -> Optional[Refusal]:
     """A :class:`~adbackends.backend.Refusal` if ``exc`` is a native transform's refusal.
 
-    ``None`` means the error is the function's own (a shape mismatch, a
+    Reads the message every time; callers use :func:`refusal_of`, which
+    reads it once per exception. ``None`` means the error is the function's own (a shape mismatch, a
     NameError, a bad ``in_dims``): it must be raised, never retried.
 
     Examples

@@ -36,30 +36,18 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 import warnings
 from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
-from .._shared import ArgNums, external_stacklevel, normalize_argnums
+from .._shared import NOTICES, ArgNums, external_stacklevel, normalize_argnums
 from ..backend import Backend, Refusal
 from ..errors import CapabilityError
-from ..selection import alternatives
 from . import _hessian
 from ._functorch_chunks import check_chunk_size, chunked_jacrev, chunked_vmap
-from ._native_refusals import classify
+from ._native_refusals import function_capability, refusal_of, refuse
 
 __all__ = ["FunctorchBackend"]
 
-_warned = False
-_warn_lock = threading.Lock()
-
-#: The fragments of functorch's messages when it refuses an autograd.Function.
-_REFUSALS: Tuple[Tuple[str, str], ...] = (
-    # torch >= 2.0, a Function without setup_context (ctx style)
-    ("must override the setup_context staticmethod", "legacy_function"),
-    # functorch 0.2 and torch 1.13: every Function, whatever its inputs
-    ("do not support the use of autograd.Function", "custom_function"),
-)
 
 #: The rest of the family, and the probe whose backends are named as alternatives.
 _FAMILY: Dict[str, str] = {
@@ -261,13 +249,8 @@ class FunctorchBackend(Backend):
             _warn_once()
         native = self._family.get(api)
         if native is None:
-            probe = _FAMILY[api]
-            raise CapabilityError(
-                self.name,
-                api,
-                f"functorch {self.version} has no {api}",
-                alternatives(probe, (self.name,)),
-                detail=f"functorch.{api}",
+            raise self._lacking(
+                api, f"functorch {self.version} has no {api}", _FAMILY[api], f"functorch.{api}"
             )
         for flag, value in flags.items():
             if value:
@@ -275,13 +258,9 @@ class FunctorchBackend(Backend):
         return native
 
     def cannot_transform(self, exc: BaseException) -> Optional[Refusal]:
-        if isinstance(exc, CapabilityError) and exc.backend == self.name:
-            # Its own refusal of an autograd.Function (see _refusing); the
-            # native message it wraps says which kind.
-            cause = exc.__cause__
-            found = classify(cause) if cause is not None else None
-            return found or Refusal(exc.capability, exc.reason, "use the loop backend")
-        return classify(exc)
+        # This backend's own errors carry their refusal (see _lacking and
+        # _refusing); functorch's are read once, by refusal_of.
+        return refusal_of(exc)
 
     # -- gaps -----------------------------------------------------------------
 
@@ -295,13 +274,18 @@ class FunctorchBackend(Backend):
         """Refuse an argument this functorch does not have (never drop it)."""
         if self._knows(params, name):
             return
-        raise CapabilityError(
-            self.name,
+        raise self._lacking(
             capability,
             f"functorch {self.version} has no {api}({name}=...)",
-            alternatives(capability, (self.name,)),
-            detail=f"{api}({name}=...)",
+            capability,
+            f"{api}({name}=...)",
         )
+
+    def _lacking(self, capability: str, reason: str, hint: str, detail: str) -> CapabilityError:
+        """What this functorch lacks, as an error that is also a refusal (for chains)."""
+        error = CapabilityError(self.name, capability, reason, self.hints(hint), detail=detail)
+        refuse(error, Refusal(capability, reason, "use a backend that has it"))
+        return error
 
     def _refusing(self, transformed: Callable[..., Any]) -> Callable[..., Any]:
         """Turn functorch's refusal of an autograd.Function into a CapabilityError."""
@@ -314,10 +298,12 @@ class FunctorchBackend(Backend):
             except CapabilityError:
                 raise
             except RuntimeError as exc:
-                capability = _refused(exc)
+                refusal = refusal_of(exc)
+                capability = function_capability(refusal)
                 if capability is None:
                     raise
-                raise backend._function_error(capability, exc) from exc
+                error = backend._function_error(capability, exc)
+                raise refuse(error, refusal) from exc
 
         return call
 
@@ -339,7 +325,7 @@ class FunctorchBackend(Backend):
             f"functorch {self.version}{torch_note} refuses {what}: {first}",
             # Only cached probe results: this runs inside the user's
             # transforms, where a new probe must not run.
-            alternatives(capability, (self.name,), probe=False),
+            self.hints(capability, probe=False),
         )
 
 
@@ -401,27 +387,15 @@ def _parameters(api: Callable[..., Any]) -> Optional[FrozenSet[str]]:
         return None
 
 
-def _refused(exc: BaseException) -> Optional[str]:
-    """The capability an autograd.Function refusal shows is missing, if it is one."""
-    text = str(exc)
-    for fragment, capability in _REFUSALS:
-        if fragment in text:
-            return capability
-    return None
-
-
 def _warn_once() -> None:
-    global _warned
-    if _warned:
+    if "functorch deprecated" in NOTICES:
         return
     from ..probes import probing
 
     if probing():  # a probe hides its warnings: keep the notice for the user
         return
-    with _warn_lock:
-        if _warned:
-            return
-        _warned = True
+    if not NOTICES.first("functorch deprecated"):
+        return
     warnings.warn(
         "functorch is deprecated since torch 2.0 and will be removed from a "
         "future torch; the 'functorch' backend still works, but 'torch.func' "

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Tuple
 from .._shared import ArgNums
 from ..backend import Backend, Refusal
 from . import _hessian
-from ._native_refusals import classify
+from ._native_refusals import refusal_of
 
 __all__ = ["TorchFuncBackend"]
 
@@ -104,4 +104,4 @@ class TorchFuncBackend(Backend):
         return self._func.linearize(func, *primals)
 
     def cannot_transform(self, exc: BaseException) -> Optional[Refusal]:
-        return classify(exc)
+        return refusal_of(exc)
