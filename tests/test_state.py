@@ -78,7 +78,10 @@ def test_callables_that_differ_are_never_confused() -> None:
     fs = [lambda v, k=k: v * k for k in (torch.tensor(2.0), torch.tensor(3.0))]
     assert adbackends.vmap(fs[0]) is not adbackends.vmap(fs[1])  # other defaults
     assert torch.equal(adbackends.vmap(fs[1])(x), x * 3)
-    made = [(lambda w: lambda v: v * w)(torch.tensor(w)) for w in (2.0, 5.0)]
+    def scaled_by(w: Any) -> Any:
+        return lambda v: v * w
+
+    made = [scaled_by(torch.tensor(w)) for w in (2.0, 5.0)]
     assert torch.equal(adbackends.vmap(made[1])(x), x * 5)  # other closure cells
     assert torch.equal(adbackends.vmap(functools.partial(torch.mul, 5.0))(x), x * 5)
     assert torch.equal(adbackends.vmap(functools.partial(torch.mul, 7.0))(x), x * 7)
