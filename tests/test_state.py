@@ -78,6 +78,7 @@ def test_callables_that_differ_are_never_confused() -> None:
     fs = [lambda v, k=k: v * k for k in (torch.tensor(2.0), torch.tensor(3.0))]
     assert adbackends.vmap(fs[0]) is not adbackends.vmap(fs[1])  # other defaults
     assert torch.equal(adbackends.vmap(fs[1])(x), x * 3)
+
     def scaled_by(w: Any) -> Any:
         return lambda v: v * w
 
