@@ -188,14 +188,14 @@ class BuildCache:
     * anything else hashable (a builtin such as ``torch.sin``, an
       ``nn.Module``): the same object.
 
-    A plain function keeps its own builds (``__adbackends_built__``, at most
-    ``per_function``), which live exactly as long as it does; a function
-    made with ``def`` is found only that way, because a ``def`` is kept by
-    its owner, and one made anew on every call (a closure) must not be kept
-    alive here. The rest (lambdas, builtins, methods, partials, modules) are
-    kept here too, at most ``limit``, the least recently used dropped
-    first; each keeps the callable it wraps, and what that references, alive
-    until it is dropped or the log is reset.
+    A function made with ``def`` keeps its own builds
+    (``__adbackends_built__``, at most ``per_function``), which live exactly
+    as long as it does: a ``def`` is kept by its owner, and one made anew on
+    every call (a closure) must not be kept alive here. The rest (lambdas,
+    builtins, methods, partials, modules) are kept here, at most ``limit``,
+    the least recently used dropped first; each keeps the callable it wraps,
+    and what that references, alive until it is dropped or the log is
+    reset.
     """
 
     per_function = 32
@@ -206,39 +206,22 @@ class BuildCache:
         self._entries: Dict[Any, Callable[..., Any]] = {}
 
     def find(self, key: Any, func: Any) -> Optional[Callable[..., Any]]:
-        if type(func) is FunctionType:
+        if type(func) is FunctionType and func.__code__.co_name != "<lambda>":
             own = func.__dict__.get(_BUILT)
-            if own is not None:
-                found = own.get(key)
-                if found is not None:
-                    return found  # type: ignore[no-any-return]
-            if func.__code__.co_name != "<lambda>":
-                return None  # a def keeps its own builds only
+            return None if own is None else own.get(key)  # type: ignore[no-any-return]
         entries = self._entries
         if not entries:
             return None
-        shared = _equivalent(func)
-        if shared is None:
-            return None
-        try:
-            found = entries.pop((key, shared), None)
-        except TypeError:
-            return None
+        shared = (key, _equivalent(func))
+        found = entries.pop(shared, None)
         if found is not None:
-            entries[(key, shared)] = found  # most recently used last
-            if type(func) is FunctionType:
-                self._keep_own(func, key, found)
+            entries[shared] = found  # most recently used last
         return found
 
     def keep(self, key: Any, func: Any, call: Callable[..., Any]) -> None:
-        try:
-            hash(key)
-        except TypeError:  # unhashable arguments (a list of in_dims): not kept
-            return
-        if type(func) is FunctionType:
+        if type(func) is FunctionType and func.__code__.co_name != "<lambda>":
             self._keep_own(func, key, call)
-            if func.__code__.co_name != "<lambda>":
-                return
+            return
         shared = _equivalent(func)
         if shared is None:
             return
@@ -441,10 +424,14 @@ class ChainBackend(Backend):
         chunk_size: Optional[int] = None,
         _preallocate_and_copy: bool = False,
     ) -> Callable[..., Any]:
+        args = (argnums, has_aux, chunk_size, _preallocate_and_copy)
+        key, found = self._find("jacrev", func, args)
+        if found is not None:
+            return found
         return self._build(
             "jacrev",
             func,
-            (argnums, has_aux, chunk_size, _preallocate_and_copy),
+            key,
             lambda b: b.jacrev(
                 func,
                 argnums,
@@ -464,12 +451,15 @@ class ChainBackend(Backend):
         *,
         chunk_size: Optional[int] = None,
     ) -> Callable[..., Any]:
+        key, found = self._find("vmap", func, (in_dims, out_dims, randomness, chunk_size))
+        if found is not None:
+            return found
         # With randomness="error" a native vmap raises at the first random
         # draw, so nothing can have drawn before a refusal: no RNG snapshot.
         return self._build(
             "vmap",
             func,
-            (in_dims, out_dims, randomness, chunk_size),
+            key,
             lambda b: b.vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size),
             _ALWAYS if randomness != "error" else False,
         )
@@ -477,19 +467,19 @@ class ChainBackend(Backend):
     def grad(
         self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
     ) -> Callable[..., Any]:
-        return self._build(
-            "grad", func, (argnums, has_aux), lambda b: b.grad(func, argnums, has_aux), True
-        )
+        key, found = self._find("grad", func, (argnums, has_aux))
+        if found is not None:
+            return found
+        return self._build("grad", func, key, lambda b: b.grad(func, argnums, has_aux), True)
 
     def grad_and_value(
         self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
     ) -> Callable[..., Any]:
+        key, found = self._find("grad_and_value", func, (argnums, has_aux))
+        if found is not None:
+            return found
         return self._build(
-            "grad_and_value",
-            func,
-            (argnums, has_aux),
-            lambda b: b.grad_and_value(func, argnums, has_aux),
-            True,
+            "grad_and_value", func, key, lambda b: b.grad_and_value(func, argnums, has_aux), True
         )
 
     def jacfwd(
@@ -500,17 +490,23 @@ class ChainBackend(Backend):
         *,
         randomness: str = "error",
     ) -> Callable[..., Any]:
+        key, found = self._find("jacfwd", func, (argnums, has_aux, randomness))
+        if found is not None:
+            return found
         # As for vmap: with randomness="error" nothing draws before a refusal.
         return self._build(
             "jacfwd",
             func,
-            (argnums, has_aux, randomness),
+            key,
             lambda b: b.jacfwd(func, argnums, has_aux, randomness=randomness),
             _ALWAYS if randomness != "error" else False,
         )
 
     def hessian(self, func: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
-        return self._build("hessian", func, (argnums,), lambda b: b.hessian(func, argnums), True)
+        key, found = self._find("hessian", func, (argnums,))
+        if found is not None:
+            return found
+        return self._build("hessian", func, key, lambda b: b.hessian(func, argnums), True)
 
     def vjp(self, func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> Any:
         return self._now("vjp", func, primals, {"has_aux": has_aux})
@@ -547,26 +543,37 @@ class ChainBackend(Backend):
 
     # -- the mechanism ------------------------------------------------------------------
 
+    def _find(
+        self, transform: str, func: Callable[..., Any], args: Tuple[Any, ...]
+    ) -> Tuple[Any, Optional[Callable[..., Any]]]:
+        """``(key, transform built before for an equivalent build or None)``.
+
+        The lookup comes first and makes nothing: ``adbackends.vmap(f)(x)``
+        in a loop pays only for it. A key of ``None`` means the arguments
+        cannot be a key (a list of ``in_dims``): built every time.
+        """
+        types = tuple(map(type, args))
+        if tuple in types:  # (0, 1.0) == (0, 1): nested values get their types too
+            key: Any = (self, transform, _typed(args))
+        else:  # True == 1 == 1.0 to a dict, not to torch.func
+            key = (self, transform, args, types)
+        try:
+            return key, self.log.builds.find(key, func)
+        except TypeError:  # unhashable arguments
+            return None, None
+
     def _build(
         self,
         transform: str,
         func: Callable[..., Any],
-        args: Tuple[Any, ...],
+        key: Any,
         make: Callable[[Backend], Callable[..., Any]],
         snapshot: Any,
     ) -> Callable[..., Any]:
-        """The chained transform of ``func``: built once, found again by an equivalent build."""
-        builds = self.log.builds
-        key = (self, transform, _typed(args))
-        try:
-            found = builds.find(key, func)
-        except TypeError:  # unhashable arguments (a list of in_dims): build every time
-            return self._make(transform, func, make, snapshot)
-        if found is not None:
-            return found
+        """The chained transform of ``func``, built now and kept under ``key``."""
         call = self._make(transform, func, make, snapshot)
-        if getattr(call, "__adbackends_chain__", None) is not None:
-            builds.keep(key, func, call)
+        if key is not None and getattr(call, "__adbackends_chain__", None) is not None:
+            self.log.builds.keep(key, func, call)
         return call
 
     def _make(
