@@ -232,7 +232,11 @@ class BuildCache:
             except TypeError:  # unhashable arguments or defaults
                 return
             while len(entries) > self.limit:
-                del entries[next(iter(entries))]
+                # find() reorders without the lock: take the oldest as it is now.
+                try:
+                    entries.pop(next(iter(entries)), None)
+                except (StopIteration, RuntimeError):
+                    break
 
     def _keep_own(self, func: Any, key: Any, call: Callable[..., Any]) -> None:
         own = func.__dict__.get(_BUILT)
@@ -686,8 +690,9 @@ class _Attempt:
     def run(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         chain = self.chain
         book = chain.log
-        if book.records and self.key in book.records:
-            book.records[self.key].calls += 1
+        record = book.records.get(self.key) if book.records else None
+        if record is not None:
+            record.calls += 1
             return self.on_fallback(args, kwargs)
         rng = RngState() if self.snapshot else None
         running = book.running

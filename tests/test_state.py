@@ -144,3 +144,33 @@ def test_reset_state_resets_every_owner() -> None:
     assert adbackends.fallbacks() == []
     assert probes.cached_support(loop, "legacy_function") is None
     assert NOTICES.first("a notice")
+
+
+def test_builds_from_many_threads_at_once_are_correct(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setattr(fallback.BuildCache, "limit", 4)  # evictions while others look up
+    x = _x()
+    weights = [torch.tensor(float(i)) for i in range(12)]
+    errors: list = []
+    start = threading.Barrier(4)
+
+    def work(offset: int) -> None:
+        try:
+            start.wait()
+            for i in range(60):
+                w = weights[(i + offset) % len(weights)]
+                got = adbackends.vmap(functools.partial(torch.mul, w))(x)
+                lam = adbackends.vmap(lambda v: v.sin())(x)
+                if not (torch.equal(got, x * w) and torch.equal(lam, x.sin())):
+                    errors.append(f"wrong result in thread {offset}")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(fallback.LOG.builds) <= 4
