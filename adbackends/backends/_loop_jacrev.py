@@ -213,10 +213,9 @@ class _OuterGraph:
 
 def _original_grad() -> Callable[..., Any]:
     """``torch.autograd.grad``, bypassing the wrapper a running loop vmap installs."""
-    import torch
+    from ._torch_compat import original_grad
 
-    grad = torch.autograd.grad
-    return getattr(grad, "__adbackends_original__", grad)
+    return original_grad()
 
 
 # -- the rows ------------------------------------------------------------------
