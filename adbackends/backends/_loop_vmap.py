@@ -20,9 +20,11 @@ Two things a loop must do that a vectorising vmap gets for free:
 * Graphs freed by ``torch.autograd.grad``. A function that calls
   ``torch.autograd.grad`` on a graph built outside the vmap (the vjp-of-a-
   closure pattern) runs that backward once per sample, so the graph must
-  survive until the last sample. While a loop vmap runs, calls to
-  ``torch.autograd.grad`` from the same thread retain the graph on every
-  sample but the last.
+  survive until the last sample. While a loop vmap runs,
+  ``torch.autograd.grad`` is a wrapper (installed process-wide, counted so
+  that concurrent maps share it) that retains the graph on every sample but
+  the last for calls from the map's own thread; a thread-local counter tells
+  it which calls those are, and every other call passes through unchanged.
 """
 
 from __future__ import annotations
