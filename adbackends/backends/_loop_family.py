@@ -26,7 +26,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from .._shared import ArgNums, RngState, normalize_argnums
 from ._loop_jacrev import (
-    _LEAF,
     _LEVEL_ATTR,
     _aux_leaf,
     _check_outputs,
@@ -103,14 +102,17 @@ class _Scope:
         self.outer_grad = outer_grad
         primals = list(args)
         self.own: List[Any] = []
-        # Per differentiated argument: (spec, start in own, count).
+        # Per differentiated argument: (spec, start in own, count); and the
+        # arguments' own leaves, in the order of own.
         self.specs: List[Tuple[Any, int, int]] = []
+        self.leaves: List[Any] = []
         for num in self.nums:
             leaves, spec = flatten(args[num])
             fresh = [_fresh(leaf, outer_grad, self.tag) for leaf in leaves]
             primals[num] = unflatten(fresh, spec)
             self.specs.append((spec, len(self.own), len(fresh)))
             self.own.extend(fresh)
+            self.leaves.extend(leaves)
         self.primals = tuple(primals)
         self.graph: Optional[_OuterGraph] = None
         self._originals: Optional[Dict[int, Any]] = None
@@ -162,13 +164,7 @@ class _Scope:
             import torch
 
             originals = {id(a): a for a in self.args if isinstance(a, torch.Tensor)}
-            for num, (spec, s, n) in zip(self.nums, self.specs):
-                arg = self.args[num]
-                if spec is _LEAF:  # a lone tensor, the usual case
-                    originals[id(self.own[s])] = arg
-                    continue
-                pairs = zip(self.own[s : s + n], flatten(arg)[0])
-                originals.update((id(new), old) for new, old in pairs)
+            originals.update((id(new), old) for new, old in zip(self.own, self.leaves))
             self._originals = originals
         return _aux_leaf(leaf, self._originals, self.graph)
 
@@ -267,7 +263,13 @@ def _grad_and_value(
     has_aux: bool,
     args: Tuple[Any, ...],
     kwargs: Dict[str, Any],
+    value_wanted: bool = True,
 ) -> Tuple[Any, Any]:
+    """``(gradient, value)`` or ``(gradient, (value, aux))``.
+
+    With ``value_wanted=False`` (``grad`` without aux, which drops it) the
+    value is ``None``, and the cost of handing it back is saved.
+    """
     import torch
 
     nums = normalize_argnums(argnums, len(args))
@@ -299,7 +301,7 @@ def _grad_and_value(
             torch.zeros_like(inp) if g is None else level.result(g) for g, inp in zip(grads, own)
         ]
         gradient = level.per_argument(flat, isinstance(argnums, tuple))
-        value = level.export(output)
+        value = level.export(output) if value_wanted or has_aux else None
         if has_aux:
             aux = unflatten([level.export(leaf) for leaf in aux_leaves], aux_spec)
             return gradient, (value, aux)
@@ -373,7 +375,7 @@ def grad(
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        gradient, value = _grad_and_value(func, argnums, has_aux, args, kwargs)
+        gradient, value = _grad_and_value(func, argnums, has_aux, args, kwargs, False)
         return (gradient, value[1]) if has_aux else gradient
 
     return wrapper
