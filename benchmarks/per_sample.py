@@ -17,8 +17,10 @@ Every figure is a ratio of two things timed side by side in one run
 (interleaved, median over repeats of the per-repeat ratios; see
 :func:`adbackends.bench.compare`), single-threaded, in float32 as in the
 tutorial. Target: loop / hand loop <= 1.1. Prints a table and writes
-``benchmarks/per_sample_results.json``; ``--quick`` runs a tiny batch once
-(it checks that everything works, the figures mean nothing).
+``benchmarks/per_sample_results.json``; ``--docs`` also rewrites the table
+in ``docs/performance.rst`` (between its per-sample markers); ``--quick``
+runs a tiny batch once (it checks that everything works, the figures mean
+nothing, and the docs are left alone).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -34,6 +37,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "per_sample_results.json"
+PAGE = HERE.parent / "docs" / "performance.rst"
+#: The lines between which the table stands in ``docs/performance.rst``.
+START = ".. per-sample table start"
+END = ".. per-sample table end"
 TARGET = 1.1
 BATCHES = (16, 32, 64)
 MODELS = ("cnn", "mlp")
@@ -192,6 +199,7 @@ def run(
             "torch": torch.__version__,
             "adbackends": ad.__version__,
             "platform": platform.platform(),
+            "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(),
         },
         "target": TARGET,
@@ -231,6 +239,58 @@ def format_table(data: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def rst_table(data: Dict[str, Any]) -> str:
+    """The rows as the reStructuredText table of the docs, with when and where."""
+    m = data["machine"]
+    lines = [
+        f".. Written by benchmarks/per_sample.py from {RESULTS.name}.",
+        "",
+        f"Measured {data['date']}: {m['platform']}, {m.get('cpus', '?')} CPUs, "
+        f"{m['threads']} torch thread(s); torch "
+        f"{m['torch']}, Python {m['python']}, adbackends {m['adbackends']}; "
+        f"{data['repeats']} interleaved repeats, medians.",
+        "",
+        ".. list-table:: Per-sample gradients: loop backend / the tutorial's hand loop "
+        f"(target <= {data['target']:g})",
+        "   :header-rows: 1",
+        "",
+    ]
+    header = [
+        "model",
+        "batch",
+        "loop",
+        "hand loop",
+        "loop / hand",
+        "hand loop with functional_call / hand",
+        "loop / hand loop with functional_call",
+    ]
+    lines.append("   * - " + header[0])
+    lines += [f"     - {h}" for h in header[1:]]
+    for r in data["rows"]:
+        cells = [
+            "CNN (the tutorial's)" if r["model"] == "cnn" else "MLP 784-128-10",
+            str(r["batch"]),
+            f"{r['times_s']['loop'] * 1e3:.2f} ms",
+            f"{r['times_s']['hand'] * 1e3:.2f} ms",
+            f"**{r['ratio']:.3f}** ({'met' if r['met'] else 'missed'})",
+            f"{r['floor_ratio']:.3f}",
+            f"{r['loop_over_functional_call']:.3f}",
+        ]
+        lines.append("   * - " + cells[0])
+        lines += [f"     - {c}" for c in cells[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(data: Dict[str, Any], page: Path = PAGE) -> None:
+    """Replace the table between the markers of ``page``."""
+    text = page.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{page}: the lines {START!r} and {END!r} are missing")
+    before, rest = text.split(START, 1)
+    _, after = rest.split(END, 1)
+    page.write_text(before + START + "\n\n" + rst_table(data) + "\n" + END + after)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/per_sample.py",
@@ -241,12 +301,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})"
     )
+    parser.add_argument(
+        "--docs", action="store_true", help="also rewrite the table in docs/performance.rst"
+    )
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     data = run(quick=args.quick, models=models)
     print(format_table(data))
     args.out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {args.out}")
+    if args.docs and not args.quick:
+        write_docs(data)
+        print(f"wrote the table in {PAGE}")
     return 0
 
 

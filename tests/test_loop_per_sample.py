@@ -292,12 +292,21 @@ def test_the_benchmark_runs_quick(tmp_path):
         spec.loader.exec_module(module)
         out = tmp_path / "results.json"
         assert module.main(["--quick", "--models", "mlp", "--out", str(out)]) == 0
+        import json
+
+        data = json.loads(out.read_text())
+        assert [r["model"] for r in data["rows"]] == ["mlp"]
+        row = data["rows"][0]
+        assert set(row["times_s"]) == {"loop", "hand", "hand_functional_call"}
+        assert row["ratio"] > 0 and row["met"] == (row["ratio"] <= data["target"])
+        # The docs table replaces only what stands between its markers.
+        page = tmp_path / "page.rst"
+        page.write_text(f"Title\n\n{module.START}\n\nold\n\n{module.END}\n\nAfter.\n")
+        module.write_docs(data, page)
+        text = page.read_text()
+        assert text.startswith("Title\n\n" + module.START) and text.endswith(
+            module.END + "\n\nAfter.\n"
+        )
+        assert "old" not in text and "MLP 784-128-10" in text and f"{row['ratio']:.3f}" in text
     finally:
         del sys.modules[spec.name]
-    import json
-
-    data = json.loads(out.read_text())
-    assert [r["model"] for r in data["rows"]] == ["mlp"]
-    row = data["rows"][0]
-    assert set(row["times_s"]) == {"loop", "hand", "hand_functional_call"}
-    assert row["ratio"] > 0 and row["met"] == (row["ratio"] <= data["target"])
