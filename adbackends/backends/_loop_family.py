@@ -2,8 +2,10 @@
 
 ``grad``, ``grad_and_value``, ``vjp``, ``jvp``, ``jacfwd``, ``hessian`` and
 ``linearize``, with torch.func's signatures, results and exceptions, built on
-``torch.autograd.grad`` alone, so that they run through custom Functions that
-define only ``backward`` and on every torch from 1.12.
+reverse passes alone, so that they run through custom Functions that define
+only ``backward`` and on every torch from 1.12. The passes go through
+:mod:`adbackends.backends._torch_compat` (``torch.autograd.grad``, or the
+engine entry behind it where that has been checked).
 
 Forward-mode products use the double-vjp construction: for ``y = f(x)`` and
 a dummy cotangent ``u`` that requires grad, ``g = J^T u`` is computed with a

@@ -46,14 +46,17 @@ ENV_VAR = "ADBACKENDS_LOOP_ENGINE"
 #: checked release or not (to check a new release).
 use_engine: Optional[bool] = None
 
-# [torch.autograd.grad seen, use_engine seen, engine entry or None,
-#  torch.overrides.has_torch_function]: decided once per (grad, use_engine).
-_STATE: List[Any] = [None, None, None, None]
+# (torch.autograd.grad seen, use_engine seen, engine entry or None,
+#  torch.overrides.has_torch_function): decided once per (grad, use_engine),
+#  replaced whole, so that a thread reading it never sees half of a decision.
+_NONE: Tuple[Any, Any, Any, Any] = (None, None, None, None)
+_state: Tuple[Any, Any, Any, Any] = _NONE
 
 
 def reset() -> None:
     """Forget the decision, so that the next backward pass reads the switch again."""
-    _STATE[:] = [None, None, None, None]
+    global _state
+    _state = _NONE
 
 
 def original_grad() -> Callable[..., Any]:
@@ -98,14 +101,20 @@ def _decide(grad: Any) -> Any:
     return _engine_run_backward
 
 
-def engine() -> Optional[Callable[..., Any]]:
-    """The engine entry :func:`backward` calls directly, or ``None``: ``torch.autograd.grad``."""
+def _decision() -> Tuple[Any, Any, Any, Any]:
+    global _state
+    state = _state
     grad = original_grad()
-    if grad is not _STATE[0] or use_engine is not _STATE[1]:
+    if grad is not state[0] or use_engine is not state[1]:
         from torch.overrides import has_torch_function
 
-        _STATE[:] = [grad, use_engine, _decide(grad), has_torch_function]
-    return _STATE[2]  # type: ignore[no-any-return]
+        state = _state = (grad, use_engine, _decide(grad), has_torch_function)
+    return state
+
+
+def engine() -> Optional[Callable[..., Any]]:
+    """The engine entry :func:`backward` calls directly, or ``None``: ``torch.autograd.grad``."""
+    return _decision()[2]  # type: ignore[no-any-return]
 
 
 def backward(
@@ -117,10 +126,10 @@ def backward(
 ) -> Tuple[Any, ...]:
     """``torch.autograd.grad(outputs, inputs, cotangents, retain_graph, create_graph,
     allow_unused=True)``: one gradient (or ``None``) per input."""
-    run = engine()
+    _, _, run, has_torch_function = _decision()
     if run is not None and outputs and inputs:
         outputs, inputs = tuple(outputs), tuple(inputs)
-        if not _STATE[3](outputs + inputs) and all(
+        if not has_torch_function(outputs + inputs) and all(
             ct is not None
             and out.shape == ct.shape
             and out.is_complex() == ct.is_complex()
@@ -154,13 +163,13 @@ def backward_rows(
     The rows all have one shape and dtype, so the question of the engine
     call is answered once for all of them.
     """
-    run = engine()
+    _, _, run, has_torch_function = _decision()
     outputs, inputs = (output,), tuple(inputs)
     if (
         run is None
         or not inputs
         or not rows
-        or _STATE[3](outputs + inputs)
+        or has_torch_function(outputs + inputs)
         or output.is_nested
         or output.shape != rows[0].shape
         or output.is_complex() != rows[0].is_complex()
