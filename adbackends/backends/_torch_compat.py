@@ -33,8 +33,10 @@ from typing import Any, Callable, FrozenSet, List, Optional, Sequence, Tuple
 __all__ = ["CHECKED", "ENV_VAR", "backward", "backward_rows", "engine", "original_grad"]
 
 #: Torch releases, as ``(major, minor)``, on which the direct engine call has
-#: been checked against ``torch.autograd.grad`` (``tests/test_loop_engine.py``
-#: in the compatibility matrix). Other releases use ``torch.autograd.grad``.
+#: been checked against ``torch.autograd.grad``: the compatibility matrix runs
+#: ``tests/test_loop_engine.py`` and the loop's differential tests against
+#: torch.func on them. Other releases use ``torch.autograd.grad``; a release
+#: is added here once its matrix row passes with ``use_engine = True``.
 CHECKED: FrozenSet[Tuple[int, int]] = frozenset({(2, 13), (2, 15)})
 
 #: ``ADBACKENDS_LOOP_ENGINE=public`` turns the direct engine call off (read
