@@ -36,7 +36,8 @@ __all__ = ["CHECKED", "ENV_VAR", "backward", "backward_rows", "engine", "origina
 #: been checked against ``torch.autograd.grad``: the compatibility matrix runs
 #: ``tests/test_loop_engine.py`` and the loop's differential tests against
 #: torch.func on them. Other releases use ``torch.autograd.grad``; a release
-#: is added here once its matrix row passes with ``use_engine = True``.
+#: is added here once its matrix row passes ``tests/test_loop_engine.py``,
+#: which turns the call on whatever the release.
 CHECKED: FrozenSet[Tuple[int, int]] = frozenset({(2, 13), (2, 15)})
 
 #: ``ADBACKENDS_LOOP_ENGINE=public`` turns the direct engine call off (read
