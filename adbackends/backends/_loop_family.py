@@ -2,8 +2,10 @@
 
 ``grad``, ``grad_and_value``, ``vjp``, ``jvp``, ``jacfwd``, ``hessian`` and
 ``linearize``, with torch.func's signatures, results and exceptions, built on
-``torch.autograd.grad`` alone, so that they run through custom Functions that
-define only ``backward`` and on every torch from 1.12.
+reverse passes alone, so that they run through custom Functions that define
+only ``backward`` and on every torch from 1.12. The passes go through
+:mod:`adbackends.backends._torch_compat` (``torch.autograd.grad``, or the
+engine entry behind it where that has been checked).
 
 Forward-mode products use the double-vjp construction: for ``y = f(x)`` and
 a dummy cotangent ``u`` that requires grad, ``g = J^T u`` is computed with a
@@ -26,19 +28,19 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from .._shared import ArgNums, RngState, normalize_argnums
 from ._loop_jacrev import (
-    _LEAF,
     _LEVEL_ATTR,
     _aux_leaf,
     _check_outputs,
     _fresh,
     _Level,
     _one_hot_rows,
-    _original_grad,
     _OuterGraph,
     flatten,
     jacrev,
     unflatten,
 )
+from ._torch_compat import backward as _backward
+from ._torch_compat import backward_rows as _per_row
 
 __all__ = ["grad", "grad_and_value", "hessian", "jacfwd", "jvp", "linearize", "vjp"]
 
@@ -102,14 +104,17 @@ class _Scope:
         self.outer_grad = outer_grad
         primals = list(args)
         self.own: List[Any] = []
-        # Per differentiated argument: (spec, start in own, count).
+        # Per differentiated argument: (spec, start in own, count); and the
+        # arguments' own leaves, in the order of own.
         self.specs: List[Tuple[Any, int, int]] = []
+        self.leaves: List[Any] = []
         for num in self.nums:
             leaves, spec = flatten(args[num])
             fresh = [_fresh(leaf, outer_grad, self.tag) for leaf in leaves]
             primals[num] = unflatten(fresh, spec)
             self.specs.append((spec, len(self.own), len(fresh)))
             self.own.extend(fresh)
+            self.leaves.extend(leaves)
         self.primals = tuple(primals)
         self.graph: Optional[_OuterGraph] = None
         self._originals: Optional[Dict[int, Any]] = None
@@ -161,13 +166,7 @@ class _Scope:
             import torch
 
             originals = {id(a): a for a in self.args if isinstance(a, torch.Tensor)}
-            for num, (spec, s, n) in zip(self.nums, self.specs):
-                arg = self.args[num]
-                if spec is _LEAF:  # a lone tensor, the usual case
-                    originals[id(self.own[s])] = arg
-                    continue
-                pairs = zip(self.own[s : s + n], flatten(arg)[0])
-                originals.update((id(new), old) for new, old in pairs)
+            originals.update((id(new), old) for new, old in zip(self.own, self.leaves))
             self._originals = originals
         return _aux_leaf(leaf, self._originals, self.graph)
 
@@ -175,6 +174,17 @@ class _Scope:
         """Per-input results, nested like the differentiated arguments."""
         per_arg = [unflatten(flat[s : s + n], spec) for spec, s, n in self.specs]
         return tuple(per_arg) if as_tuple else per_arg[0]
+
+
+def _ones(output: Any) -> Any:
+    """The cotangent ``torch.autograd.grad`` makes for a scalar output.
+
+    ``None`` for an output that is not real floating point: ``torch.autograd.grad``
+    then makes it, or raises its own error.
+    """
+    import torch
+
+    return torch.ones_like(output) if output.is_floating_point() else None
 
 
 def _split_aux(result: Any, message: str) -> Tuple[Any, List[Any], Any]:
@@ -246,109 +256,6 @@ def _transpose_products(live: Sequence[Any], own: Sequence[Any], seeds: Sequence
     return [g if g is not None and g.requires_grad else None for g in grads]
 
 
-#: ``[grad, engine, has_torch_function]``: the last ``torch.autograd.grad``
-#: seen, the engine entry it stands for (``None`` where it is not torch's own,
-#: or torch has none), and torch's check for ``__torch_function__`` overrides.
-_ENGINE: List[Any] = [None, None, None]
-
-
-def _engine_for(grad: Any) -> Any:
-    """The autograd engine's entry behind ``grad``, where ``grad`` is torch's own."""
-    if grad is not _ENGINE[0]:
-        import torch
-
-        run: Any = None
-        code = getattr(grad, "__code__", None)
-        if (
-            code is not None
-            and code.co_name == "grad"
-            and code.co_filename == getattr(torch.autograd, "__file__", None)
-        ):
-            try:
-                from torch.autograd.graph import _engine_run_backward as run
-            except ImportError:  # older torch: torch.autograd.grad it is
-                pass
-        from torch.overrides import has_torch_function
-
-        _ENGINE[:] = [grad, run, has_torch_function]
-    return _ENGINE[1]
-
-
-def _backward(
-    outputs: Sequence[Any],
-    inputs: Sequence[Any],
-    cotangents: Sequence[Any],
-    retain_graph: bool,
-    create_graph: bool,
-) -> Tuple[Any, ...]:
-    """``torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)``, for tensors.
-
-    Where ``torch.autograd.grad`` is torch's own and would only check its
-    arguments and pass them on (plain tensors, no ``__torch_function__``,
-    cotangents shaped like the outputs), the engine is called as it calls it,
-    without the argument handling that costs about as much as a small
-    backward pass. Anything else goes through ``torch.autograd.grad``, with
-    its errors.
-    """
-    grad = _original_grad()
-    run = _engine_for(grad)
-    if run is not None and outputs and inputs:
-        outputs, inputs = tuple(outputs), tuple(inputs)
-        if not _ENGINE[2](outputs + inputs) and all(
-            out.shape == ct.shape and out.is_complex() == ct.is_complex() and not out.is_nested
-            for out, ct in zip(outputs, cotangents)
-        ):
-            return run(  # type: ignore[no-any-return]
-                outputs,
-                tuple(cotangents),
-                retain_graph,
-                create_graph,
-                inputs,
-                True,
-                accumulate_grad=False,
-            )
-    return grad(  # type: ignore[no-any-return]
-        outputs,
-        inputs,
-        cotangents,
-        retain_graph=retain_graph,
-        create_graph=create_graph,
-        allow_unused=True,
-    )
-
-
-def _per_row(
-    output: Any, inputs: Sequence[Any], rows: Sequence[Any], create_graph: bool
-) -> List[Tuple[Any, ...]]:
-    """:func:`_backward` of ``output`` once per cotangent in ``rows``, the graph retained.
-
-    The rows are one-hot rows, each shaped and typed like ``output``, so the
-    question of the engine call is answered once for all of them.
-    """
-    grad = _original_grad()
-    run = _engine_for(grad)
-    outputs, inputs = (output,), tuple(inputs)
-    if (
-        run is None
-        or not inputs
-        or not rows
-        or _ENGINE[2](outputs + inputs)
-        or output.is_nested
-        or output.shape != rows[0].shape
-        or output.is_complex() != rows[0].is_complex()
-    ):
-        return [
-            grad(
-                output, inputs, row, retain_graph=True, create_graph=create_graph, allow_unused=True
-            )
-            for row in rows
-        ]
-    return [
-        run(outputs, (row,), True, create_graph, inputs, True, accumulate_grad=False)
-        for row in rows
-    ]
-
-
 # -- grad and grad_and_value ---------------------------------------------------
 
 
@@ -358,7 +265,13 @@ def _grad_and_value(
     has_aux: bool,
     args: Tuple[Any, ...],
     kwargs: Dict[str, Any],
+    value_wanted: bool = True,
 ) -> Tuple[Any, Any]:
+    """``(gradient, value)`` or ``(gradient, (value, aux))``.
+
+    With ``value_wanted=False`` (``grad`` without aux, which drops it) the
+    value is ``None``, and the cost of handing it back is saved.
+    """
     import torch
 
     nums = normalize_argnums(argnums, len(args))
@@ -385,14 +298,12 @@ def _grad_and_value(
         grads: Sequence[Any] = [None] * len(own)
         if output.requires_grad and own:
             # Keep the graph while aux may still be differentiated from outside.
-            grads = _original_grad()(
-                output, own, retain_graph=keep or has_aux, create_graph=keep, allow_unused=True
-            )
+            grads = _backward([output], own, [_ones(output)], keep or has_aux, keep)
         flat = [
             torch.zeros_like(inp) if g is None else level.result(g) for g, inp in zip(grads, own)
         ]
         gradient = level.per_argument(flat, isinstance(argnums, tuple))
-        value = level.export(output)
+        value = level.export(output) if value_wanted or has_aux else None
         if has_aux:
             aux = unflatten([level.export(leaf) for leaf in aux_leaves], aux_spec)
             return gradient, (value, aux)
@@ -466,7 +377,7 @@ def grad(
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        gradient, value = _grad_and_value(func, argnums, has_aux, args, kwargs)
+        gradient, value = _grad_and_value(func, argnums, has_aux, args, kwargs, False)
         return (gradient, value[1]) if has_aux else gradient
 
     return wrapper

@@ -27,17 +27,50 @@ from .._shared import ArgNums, normalize_argnums
 __all__ = ["jacrev"]
 
 
-# -- pytrees, with a shortcut for the common case of a lone tensor -------------
+# -- pytrees, with shortcuts for a lone tensor and flat containers of them --------
 
 _LEAF = object()
 
 
+class _FlatDict(tuple):  # type: ignore[type-arg]
+    """The spec of a plain ``dict`` whose values are all tensors: its keys, in order."""
+
+    __slots__ = ()
+
+
+class _FlatSequence(int):
+    """The spec of a plain ``tuple`` (``list`` when negative) of ``n`` tensors."""
+
+    __slots__ = ()
+
+
 def flatten(tree: Any) -> Tuple[List[Any], Any]:
-    """``tree_flatten``, without its cost when ``tree`` is a single tensor."""
+    """``tree_flatten``, without its cost for a tensor or a flat container of tensors.
+
+    A plain ``dict``, ``tuple`` or ``list`` whose entries are all tensors
+    (model parameters, the usual case) is flattened as ``tree_flatten``
+    flattens it, in its own order, with a spec only :func:`unflatten` reads.
+    """
     import torch
 
-    if isinstance(tree, torch.Tensor):
+    tensor = torch.Tensor
+    if isinstance(tree, tensor):
         return [tree], _LEAF
+    kind = type(tree)
+    if kind is dict:
+        leaves = list(tree.values())
+        for leaf in leaves:
+            if not isinstance(leaf, tensor):
+                break
+        else:
+            return leaves, _FlatDict(tree)
+    elif kind is tuple or kind is list:
+        for leaf in tree:
+            if not isinstance(leaf, tensor):
+                break
+        else:
+            n = len(tree)
+            return list(tree), _FlatSequence(n if kind is tuple else -1 - n)
     from torch.utils._pytree import tree_flatten
 
     return tree_flatten(tree)
@@ -47,6 +80,11 @@ def unflatten(leaves: Sequence[Any], spec: Any) -> Any:
     """The inverse of :func:`flatten`."""
     if spec is _LEAF:
         return leaves[0]
+    kind = type(spec)
+    if kind is _FlatDict:
+        return dict(zip(spec, leaves))
+    if kind is _FlatSequence:
+        return tuple(leaves) if spec >= 0 else list(leaves)
     from torch.utils._pytree import tree_unflatten
 
     return tree_unflatten(list(leaves), spec)
@@ -213,10 +251,9 @@ class _OuterGraph:
 
 def _original_grad() -> Callable[..., Any]:
     """``torch.autograd.grad``, bypassing the wrapper a running loop vmap installs."""
-    import torch
+    from ._torch_compat import original_grad
 
-    grad = torch.autograd.grad
-    return getattr(grad, "__adbackends_original__", grad)
+    return original_grad()
 
 
 # -- the rows ------------------------------------------------------------------

@@ -20,9 +20,11 @@ Two things a loop must do that a vectorising vmap gets for free:
 * Graphs freed by ``torch.autograd.grad``. A function that calls
   ``torch.autograd.grad`` on a graph built outside the vmap (the vjp-of-a-
   closure pattern) runs that backward once per sample, so the graph must
-  survive until the last sample. While a loop vmap runs, calls to
-  ``torch.autograd.grad`` from the same thread retain the graph on every
-  sample but the last.
+  survive until the last sample. While a loop vmap runs,
+  ``torch.autograd.grad`` is a wrapper (installed process-wide, counted so
+  that concurrent maps share it) that retains the graph on every sample but
+  the last for calls from the map's own thread; a thread-local counter tells
+  it which calls those are, and every other call passes through unchanged.
 """
 
 from __future__ import annotations
@@ -41,11 +43,10 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
-    cast,
 )
 
 from .._shared import RngState
-from ._loop_jacrev import check_chunk_size_type
+from ._loop_jacrev import check_chunk_size_type, flatten, unflatten
 
 __all__ = ["vmap"]
 
@@ -227,12 +228,50 @@ _RANDOM_ERROR = (
 )
 
 
-def _tensor_inputs(in_dims: Any, args: Tuple[Any, ...]) -> Optional[Tuple[int, List[Any]]]:
-    """``(batch, dims)`` when every argument is a tensor and ``in_dims`` is flat and valid.
+#: Unbatched arguments passed whole to every sample: immutable leaves as they are.
+_AS_IS = (int, float, bool, str, type(None))
 
-    The common case, checked without pytrees. Anything else (pytrees,
-    non-tensors, an invalid dim) gives ``None``: :func:`_process_inputs`
-    then handles it, and raises torch.func's errors.
+
+def _whole(arg: Any) -> bool:
+    """Whether an unbatched (``in_dim=None``) argument can skip the pytree path.
+
+    Tensors, Python scalars, ``None``, and plain dicts, tuples and lists of
+    tensors (model parameters): each sample gets what torch.func's
+    flatten-and-rebuild gives, see :func:`_unbatched`.
+    """
+    import torch
+
+    tensor = torch.Tensor
+    if isinstance(arg, tensor) or type(arg) in _AS_IS:
+        return True
+    kind = type(arg)
+    if kind is dict:
+        return all(isinstance(v, tensor) for v in arg.values())
+    if kind is tuple or kind is list:
+        return all(isinstance(v, tensor) for v in arg)
+    return False
+
+
+def _unbatched(arg: Any, n: int) -> Iterable[Any]:
+    """An unbatched argument for each of ``n`` samples.
+
+    torch.func rebuilds containers from their leaves, so a function that
+    changes its dict or list does not change the caller's: each sample gets a
+    shallow copy of a dict or list, the very object otherwise.
+    """
+    kind = type(arg)
+    if kind is dict or kind is list:
+        return map(kind, repeat(arg, n))
+    return repeat(arg, n)
+
+
+def _tensor_inputs(in_dims: Any, args: Tuple[Any, ...]) -> Optional[Tuple[int, List[Any]]]:
+    """``(batch, dims)`` when ``in_dims`` is flat and valid for tensor arguments.
+
+    The common case, checked without pytrees: every batched argument is a
+    tensor, every unbatched one passes :func:`_whole`. Anything else
+    (pytrees, non-tensors, an invalid dim) gives ``None``:
+    :func:`_process_inputs` then handles it, and raises torch.func's errors.
     """
     import torch
 
@@ -245,10 +284,12 @@ def _tensor_inputs(in_dims: Any, args: Tuple[Any, ...]) -> Optional[Tuple[int, L
         return None
     batch = -1
     for i, (arg, d) in enumerate(zip(args, dims)):
+        if d is None:
+            if not _whole(arg):
+                return None
+            continue
         if not isinstance(arg, torch.Tensor):
             return None
-        if d is None:
-            continue
         if type(d) is not int:
             return None
         ndim = arg.dim()
@@ -278,7 +319,7 @@ def _columns(
     columns: List[Iterable[Any]] = []
     for arg, d in zip(flat_args, flat_in_dims):
         if d is None:
-            columns.append(repeat(arg, batch))
+            columns.append(_unbatched(arg, batch))
         elif arg.requires_grad:
             columns.append(map(functools.partial(arg.select, d), range(batch)))
         else:
@@ -288,10 +329,10 @@ def _columns(
 
 def _empty_sample_args(flat_args: List[Any], flat_in_dims: List[Optional[int]]) -> List[Any]:
     """Stand-ins for a sample of an empty batch: zeros of a sample's shape."""
-    out = []
+    out: List[Any] = []
     for arg, d in zip(flat_args, flat_in_dims):
         if d is None:
-            out.append(arg)
+            out.extend(_unbatched(arg, 1))
         else:
             shape = arg.shape[:d] + arg.shape[d + 1 :]
             out.append(arg.new_zeros(shape))
@@ -611,25 +652,31 @@ def _assemble(
         else:
             return stacked if out_dims == 0 else stacked.movedim(0, out_dims)
 
-    from torch.utils._pytree import tree_flatten, tree_unflatten
+    from torch.utils._pytree import tree_flatten
 
     name = _func_name(func)
     columns_by_sample: List[List[Any]] = []
     first = outputs[0]
     out_spec = None
     for output in outputs:
-        leaves, spec = tree_flatten(output)
+        # Flat dicts, tuples and lists of tensors without the pytree walk; their
+        # specs are equal exactly when torch's would be.
+        leaves, spec = flatten(output)
         if out_spec is None:
             out_spec = spec
         elif spec != out_spec:
             raise ValueError(
                 f"vmap({name}, ...): `{name}` returned outputs of different structures "
-                f"for different samples: {out_spec} and {spec}. The loop backend "
-                "stacks per-sample outputs, so they must have one structure."
+                f"for different samples: {tree_flatten(first)[1]} and "
+                f"{tree_flatten(output)[1]}. The loop backend stacks per-sample "
+                "outputs, so they must have one structure."
             )
         columns_by_sample.append(leaves)
     outputs.clear()
-    flat_dims = _flat_out_dims(out_dims, first, out_spec, func)
+    if type(out_dims) is int and not isinstance(first, torch.Tensor):
+        flat_dims: List[Any] = [out_dims] * len(columns_by_sample[0])
+    else:
+        flat_dims = _flat_out_dims(out_dims, first, tree_flatten(first)[1], func)
     del first
     result = []
     for k, dim in enumerate(flat_dims):
@@ -659,7 +706,7 @@ def _assemble(
         for leaves in columns_by_sample:
             leaves[k] = None
     # The loop ran at least once, so the structure is known.
-    return tree_unflatten(result, cast(Any, out_spec))
+    return unflatten(result, out_spec)
 
 
 def vmap(

@@ -1,4 +1,12 @@
-"""The ``loop`` backend: ``torch.autograd.grad`` and Python loops, nothing else.
+"""The ``loop`` backend: reverse-mode autograd and Python loops.
+
+Every derivative is a reverse pass of ``torch.autograd.grad``; nothing uses
+torch.func, functorch or forward-mode autograd. Where ``torch.autograd.grad``
+would only pass its arguments on, small passes call the engine entry behind
+it directly, on checked torch releases only
+(:mod:`adbackends.backends._torch_compat`, off with
+``ADBACKENDS_LOOP_ENGINE=public``). The loop page of the docs lists all it
+takes from torch.
 
 It runs any differentiable code, including legacy (ctx-style) custom
 autograd Functions and code that vmap cannot batch, on every torch. It
@@ -21,11 +29,13 @@ Where a loop cannot behave exactly like torch.func:
   torch.func does; see the loop page for the few cases still judged by values.
 * ``randomness="error"`` watches the default CPU and CUDA generators; draws
   from a private ``torch.Generator`` go unnoticed.
-* While a loop ``vmap`` runs, ``torch.autograd.grad`` called from the same
-  thread keeps the graph on every sample but the last, so that a function
-  taking the gradient of a graph built outside the map works as under
-  torch.func (which runs that backward once). Code that bound ``grad`` by
-  ``from torch.autograd import grad`` before the call is not covered.
+* While a loop ``vmap`` runs, ``torch.autograd.grad`` names a wrapper
+  (process-wide) that keeps the graph on every sample but the last for calls
+  from the map's own thread, so that a function taking the gradient of a
+  graph built outside the map works as under torch.func (which runs that
+  backward once); calls from other threads pass through unchanged. Code that
+  bound ``grad`` by ``from torch.autograd import grad`` before the call is
+  not covered.
 * ``jacrev`` returns exactly torch.func's values, shapes, structures and
   ``requires_grad``; it is slower for large outputs (one backward pass per
   row) and close to a hand-written ``autograd.grad`` loop in cost.
