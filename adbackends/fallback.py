@@ -348,8 +348,8 @@ def _identity(func: Any) -> Any:
     """
     kind = type(func)
     if kind is FunctionType:
-        marker = func.__dict__.get("__adbackends_chain__")
-        return func.__code__ if marker is None else marker[0]
+        code = func.__code__
+        return func.__adbackends_chain__[0] if code is _WRAPPER_CODE else code
     if kind is BuiltinFunctionType:
         return func
     marker = getattr(func, "__adbackends_chain__", None)
@@ -605,14 +605,7 @@ class ChainBackend(Backend):
             )
             return make(self.fallback_backend)
         attempt = _Attempt(self, transform, func, native_t, make, snapshot)
-        running = self.log.running
-        run = attempt.run
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if running.depth:  # inside a native transform: its outer call decides
-                return native_t(*args, **kwargs)
-            return run(args, kwargs)
-
+        call = _wrapper(native_t, attempt.run, self.log.running)
         call.__adbackends_chain__ = (attempt.key, transform, func)  # type: ignore[attr-defined]
         return call
 
@@ -643,6 +636,23 @@ class ChainBackend(Backend):
         return attempt.run((func, *args), kwargs)
 
 
+def _wrapper(
+    native_t: Callable[..., Any], run: Callable[..., Any], running: _Running
+) -> Callable[..., Any]:
+    """The function a chain hands out for a built transform."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if running.depth:  # inside a native transform: its outer call decides
+            return native_t(*args, **kwargs)
+        return run(args, kwargs)
+
+    return call
+
+
+#: The code of every chain wrapper: how _identity knows one without a lookup.
+_WRAPPER_CODE = _wrapper(None, None, None).__code__  # type: ignore[arg-type]
+
+
 #: An attempt's ``snapshot`` besides ``True`` (until a native run) and
 #: ``False`` (never): always (the caller asked for randomness).
 _ALWAYS = "always"
@@ -663,7 +673,18 @@ class _Attempt:
        call runs on the fallback; any other exception is raised as it is.
     """
 
-    __slots__ = ("chain", "fallback_t", "func", "key", "make", "native_t", "snapshot", "transform")
+    __slots__ = (
+        "book",
+        "chain",
+        "fallback_t",
+        "func",
+        "key",
+        "make",
+        "native_t",
+        "running",
+        "snapshot",
+        "transform",
+    )
 
     def __init__(
         self,
@@ -679,6 +700,8 @@ class _Attempt:
         # the transform is that backend's method of the same name, called
         # with the function first.
         self.chain = chain
+        self.book = chain.log
+        self.running = chain.log.running
         self.transform = transform
         self.func = func
         self.key = key if key is not None else (chain._names, transform, _identity(func))
@@ -688,18 +711,19 @@ class _Attempt:
         self.fallback_t: Optional[Callable[..., Any]] = None
 
     def run(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        chain = self.chain
-        book = chain.log
-        record = book.records.get(self.key) if book.records else None
-        if record is not None:
-            record.calls += 1
-            return self.on_fallback(args, kwargs)
+        records = self.book.records
+        if records:
+            record = records.get(self.key)
+            if record is not None:
+                record.calls += 1
+                return self.on_fallback(args, kwargs)
         rng = RngState() if self.snapshot else None
-        running = book.running
+        running = self.running
         running.depth = 1
         try:
             result = self.native_t(*args, **kwargs)
         except Exception as exc:
+            chain = self.chain
             refusal = chain.native_backend.cannot_transform(exc)
             if refusal is None:
                 raise

@@ -33,6 +33,9 @@ def cases(module: Any) -> Dict[Tuple[str, str], Callable[[], Any]]:
     xs = torch.randn(16, 4, generator=gen, dtype=torch.float64)
     v = torch.randn(4, generator=gen, dtype=torch.float64)
     model = torch.nn.Linear(4, 4, dtype=torch.float64)
+    with torch.no_grad():  # the same weights for both modules' cases
+        model.weight.copy_(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+        model.bias.copy_(torch.randn(4, generator=gen, dtype=torch.float64))
     params = dict(model.named_parameters())
 
     def f(t: Any) -> Any:
