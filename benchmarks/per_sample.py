@@ -92,9 +92,19 @@ def workload(kind: str, batch: int) -> Dict[str, Callable[[], Any]]:
     """The three things timed, each returning per-sample gradients per parameter name."""
     import torch
     import torch.nn.functional as F
-    from torch.func import functional_call
 
     import adbackends
+
+    try:
+        from torch.func import functional_call
+    except ImportError:  # torch < 2.0: one dict of parameters and buffers
+        from torch.nn.utils.stateless import functional_call as _stateless
+
+        def functional_call(module: Any, dicts: Any, args: Any) -> Any:
+            merged = {}
+            for part in dicts if isinstance(dicts, tuple) else (dicts,):
+                merged.update(part)
+            return _stateless(module, merged, args)
 
     model = make_model(kind)
     gen = torch.Generator().manual_seed(1)
