@@ -235,6 +235,34 @@ def describe_limit() -> Dict[str, Any]:
     return {"max_memory": value, "text": format_size(value), "source": source}
 
 
+def report() -> Dict[str, Any]:
+    """The limit, its source and the chunks chosen so far, as plain data (the report)."""
+    data = describe_limit()
+    data["chunks"] = [choice._asdict() for choice in chunk_choices()]
+    return data
+
+
+def format_report(data: Optional[Dict[str, Any]]) -> List[str]:
+    """The report's lines about memory: the limit and each chunk chosen."""
+    if not data:
+        return []
+    if data.get("error"):
+        return [f"Memory limit: invalid {ENV_VAR}: {data['error']}"]
+    lines = [f"Memory limit: {data['text']} (source: {data['source']})"]
+    for choice in data.get("chunks", ()):
+        peak = f", measured peak {format_size(choice['peak'])}" if choice["peak"] else ""
+        why = (
+            "after running out of memory"
+            if choice["reason"] == "out_of_memory"
+            else (f"for max_memory={format_size(choice['limit'])}")
+        )
+        lines.append(
+            f"  {choice['transform']}({choice['function']}) on {choice['backend']}, inputs "
+            f"{choice['shapes']}: chunk_size={choice['chunk']} of {choice['units']} {why}{peak}"
+        )
+    return lines
+
+
 # -- measuring peak memory ----------------------------------------------------------------
 
 
