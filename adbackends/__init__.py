@@ -34,7 +34,6 @@ from ._memory import (
     forget_chunks,
     max_memory,
     memory_limit,
-    parse_size,
     set_max_memory,
 )
 from ._version import __version__
@@ -97,7 +96,6 @@ __all__ = [
     "linearize",
     "max_memory",
     "memory_limit",
-    "parse_size",
     "refresh",
     "register",
     "require",

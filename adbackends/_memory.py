@@ -99,7 +99,7 @@ def parse_size(value: Any, what: str = "max_memory") -> Optional[int]:
 
     Examples
     --------
-    >>> from adbackends import parse_size
+    >>> from adbackends._memory import parse_size
     >>> parse_size("2GiB"), parse_size("1.5 MB"), parse_size(4096), parse_size("unlimited")
     (2147483648, 1500000, 4096, None)
     >>> parse_size("2 parsecs")  # doctest: +ELLIPSIS

@@ -77,20 +77,20 @@ B = torch.randn(5, 24, dtype=torch.float64, generator=torch.Generator().manual_s
     ],
 )
 def test_parse_size(text: Any, size: Any) -> None:
-    assert adbackends.parse_size(text) == size
+    assert _memory.parse_size(text) == size
 
 
 @pytest.mark.parametrize("bad", ["2 parsecs", "GiB", "-1GiB", "0", "1,5GB", ""])
 def test_bad_sizes_say_what_is_right(bad: str) -> None:
-    with pytest.raises(ValueError, match="memory size|at least one byte") as info:
-        adbackends.parse_size(bad)
+    with pytest.raises(ValueError, match=r"memory size|at least one byte") as info:
+        _memory.parse_size(bad)
     assert "'2GiB'" in str(info.value)
 
 
 @pytest.mark.parametrize("bad", [True, [1], 2.5j])
 def test_bad_types(bad: Any) -> None:
     with pytest.raises(TypeError, match="number of bytes"):
-        adbackends.parse_size(bad)
+        _memory.parse_size(bad)
 
 
 def test_limit_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
