@@ -420,3 +420,23 @@ def test_report_shows_limit_and_chunks() -> None:
     text = _format(data)
     assert "Memory limit: 40 KiB (source: set_max_memory())" in text
     assert "jacrev(vector) on torch.func" in text and "chunk_size=" in text
+
+
+def test_use_and_using_set_the_limit() -> None:
+    try:
+        adbackends.use("loop", max_memory="2MiB")
+        assert adbackends.max_memory() == 2 * 2**20
+        with adbackends.using("torch.func", max_memory="1MiB") as backend:
+            assert backend.name == "torch.func" and adbackends.max_memory() == 2**20
+        assert adbackends.max_memory() == 2 * 2**20
+        adbackends.use("loop")  # left out: unchanged
+        assert adbackends.max_memory() == 2 * 2**20
+        with pytest.raises(ValueError, match="not a memory size"):
+            adbackends.use("torch.func", max_memory="a lot")
+        assert adbackends.current().name == "loop", "a bad limit changes nothing"
+        with pytest.raises(ValueError, match="not a memory size"):
+            with adbackends.using("torch.func", max_memory="a lot"):
+                pass
+    finally:
+        adbackends.use(None, max_memory=None)
+    assert adbackends.max_memory() is None
