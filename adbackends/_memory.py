@@ -205,6 +205,36 @@ def memory_limit(limit: Any) -> Iterator[Optional[int]]:
         _context.reset(token)
 
 
+# CPython's os.environ keeps its values in a dict that every assignment
+# through os.environ updates: read it directly where it exists (tens of ns
+# instead of half a microsecond, on every call), the public way elsewhere.
+_ENV_DATA: Optional[Dict[Any, Any]] = getattr(os.environ, "_data", None)
+_ENV_KEY: Any = None
+if _ENV_DATA is not None:
+    try:
+        _ENV_KEY = os.environ.encodekey(ENV_VAR)  # type: ignore[attr-defined]
+    except AttributeError:  # not CPython's os.environ
+        _ENV_DATA = None
+
+
+def _env_raw() -> Optional[str]:
+    if _ENV_DATA is not None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        return None if raw is None else os.environ.decodevalue(raw)  # type: ignore[attr-defined]
+    return os.environ.get(ENV_VAR)
+
+
+def _env_set() -> bool:
+    if _ENV_DATA is not None:
+        return _ENV_KEY in _ENV_DATA
+    return ENV_VAR in os.environ
+
+
+def limited() -> bool:
+    """Whether any limit may be in force (cheap: for building transforms)."""
+    return _context.get() is not _UNSET or _process is not _UNSET or _env_set()
+
+
 def max_memory() -> Optional[int]:
     """The memory limit in force here, in bytes, or ``None`` for none."""
     return _limit()[0]
@@ -217,7 +247,7 @@ def _limit() -> Tuple[Optional[int], str]:
         return value, "memory_limit()"
     if _process is not _UNSET:
         return _process, "set_max_memory()"
-    raw = os.environ.get(ENV_VAR)
+    raw = _env_raw()
     if not raw or raw.isspace():
         return None, "none set"
     global _env_cache
@@ -1113,8 +1143,15 @@ class _AutoBackend:
 
 
 def _wrap(chunked: _Chunked, func: Any) -> Callable[..., Any]:
+    whole = chunked.whole
+    context = _context.get
+
     @functools.wraps(func)
     def transformed(*args: Any, **kwargs: Any) -> Any:
+        # No limit anywhere and no out-of-memory remembered (the usual case):
+        # the unchunked transform, at the cost of four lookups.
+        if context() is _UNSET and _process is _UNSET and not _oom_keys and not _env_set():
+            return whole(*args, **kwargs)
         return chunked(*args, **kwargs)
 
     return transformed

@@ -99,7 +99,9 @@ def jacrev(
     >>> torch.allclose(dy, torch.diag(2 * x))
     True
     """
-    if chunk_size == "auto" or (chunk_size is None and _memory.max_memory() is not None):
+    if chunk_size == "auto" or (
+        chunk_size is None and _memory.limited() and _memory.max_memory() is not None
+    ):
         return _memory.auto_backend(_choose().backend).jacrev(  # type: ignore[no-any-return]
             func, argnums, has_aux=has_aux, chunk_size="auto"
         )
@@ -153,7 +155,9 @@ def vmap(
     >>> adbackends.vmap(lambda t: t**2, out_dims=1)(torch.ones(2, 4)).shape
     torch.Size([4, 2])
     """
-    if chunk_size == "auto" or (chunk_size is None and _memory.max_memory() is not None):
+    if chunk_size == "auto" or (
+        chunk_size is None and _memory.limited() and _memory.max_memory() is not None
+    ):
         return _memory.auto_backend(_choose().backend).vmap(  # type: ignore[no-any-return]
             func, in_dims, out_dims, randomness, chunk_size="auto"
         )
@@ -409,7 +413,7 @@ def jacfwd(
     True
     """
     backend = _choose().backend
-    if _memory.max_memory() is not None:
+    if _memory.limited() and _memory.max_memory() is not None:
         backend = _memory.auto_backend(backend)
     return backend.jacfwd(func, argnums, has_aux, randomness=randomness)  # type: ignore[no-any-return]
 
@@ -452,7 +456,7 @@ def hessian(
     torch.Size([4, 2, 2])
     """
     backend = _choose().backend
-    if _memory.max_memory() is not None:
+    if _memory.limited() and _memory.max_memory() is not None:
         backend = _memory.auto_backend(backend)
     return backend.hessian(func, argnums)  # type: ignore[no-any-return]
 
