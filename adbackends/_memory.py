@@ -782,7 +782,7 @@ class _Chunked:
             try:
                 return self.whole(*args, **kwargs)
             except Exception as exc:
-                if limit is not None or _running.depth or not is_out_of_memory(exc):
+                if limit is not None or _inside_transform() or not is_out_of_memory(exc):
                     raise
                 # Drop this frame's hold on the failed attempt before retrying.
                 del exc
@@ -1151,7 +1151,14 @@ def _wrap(chunked: _Chunked, func: Any) -> Callable[..., Any]:
         # No limit anywhere and no out-of-memory remembered (the usual case):
         # the unchunked transform, at the cost of four lookups.
         if context() is _UNSET and _process is _UNSET and not _oom_keys and not _env_set():
-            return whole(*args, **kwargs)
+            try:
+                return whole(*args, **kwargs)
+            except Exception as exc:
+                if _inside_transform() or not is_out_of_memory(exc):
+                    raise
+                del exc  # this frame's hold on the failed attempt
+            _free_memory()
+            return chunked._chunked(args, kwargs, None, oom=True)
         return chunked(*args, **kwargs)
 
     return transformed
