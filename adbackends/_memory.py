@@ -1181,6 +1181,8 @@ def auto_backend(backend: Any) -> Any:
     else:
         made = _AutoBackend(backend)
     with _lock:
+        if len(_auto_backends) >= 64:  # backends rebuilt by refresh(): forget old ones
+            _auto_backends.clear()
         _auto_backends[id(backend)] = (backend, made)
     return made
 

@@ -88,12 +88,24 @@ class Choice(NamedTuple):
         One sentence a person can read.
     rejected : tuple of (str, str)
         Candidates that were ruled out, with the reason for each.
+    max_memory : int or None
+        The memory limit in force now, in bytes (see :doc:`memory`).
+    chunks : list of ChunkChoice
+        The chunks chosen so far under automatic chunking.
     """
 
     backend: Backend
     source: str
     reason: str
     rejected: Tuple[Tuple[str, str], ...] = ()
+
+    @property
+    def max_memory(self) -> Optional[int]:
+        return _memory.max_memory()
+
+    @property
+    def chunks(self) -> List[Any]:
+        return _memory.chunk_choices()
 
 
 class _State:

@@ -440,3 +440,13 @@ def test_use_and_using_set_the_limit() -> None:
     finally:
         adbackends.use(None, max_memory=None)
     assert adbackends.max_memory() is None
+
+
+def test_explain_shows_limit_and_chunks() -> None:
+    with adbackends.using("torch.func", max_memory="40KiB"):
+        adbackends.jacrev(vector, chunk_size="auto")(X, Y)
+        choice = adbackends.explain()
+        assert choice.max_memory == 40 * 2**10
+        (chunk,) = choice.chunks
+        assert chunk.function == "vector" and chunk.backend == "torch.func"
+    assert adbackends.explain().max_memory is None
