@@ -18,6 +18,7 @@ it writes ``benchmarks/memory_results.json`` and the figure.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -127,7 +128,8 @@ def p11b(rounds: int) -> List[Dict[str, Any]]:
         with adbackends.using("torch.func"):
             plain_t = adbackends.jacrev(f)
             auto_t = adbackends.jacrev(f, chunk_size="auto")
-            times = interleaved({"none": lambda: plain_t(x), "auto": lambda: auto_t(x)}, rounds)
+            variants = {"none": functools.partial(plain_t, x), "auto": functools.partial(auto_t, x)}
+            times = interleaved(variants, rounds)
         rows.append(
             {
                 "case": f"jacrev n={n}",
