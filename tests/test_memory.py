@@ -450,3 +450,16 @@ def test_explain_shows_limit_and_chunks() -> None:
         (chunk,) = choice.chunks
         assert chunk.function == "vector" and chunk.backend == "torch.func"
     assert adbackends.explain().max_memory is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_objects_take_auto(backend: str) -> None:
+    chosen = adbackends.get(backend)
+    with adbackends.memory_limit("40KiB"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", adbackends.MemoryWarning)
+        jac = chosen.jacrev(vector, argnums=(0, 1), chunk_size="auto")(X, Y)
+        mapped = chosen.vmap(vector, in_dims=(0, None), chunk_size="auto")(B, Y)
+    same(jac, tf.jacrev(vector, argnums=(0, 1))(X, Y))
+    same(mapped, tf.vmap(vector, in_dims=(0, None))(B, Y))
+    if backend != "loop":  # the loop computes row by row, unchunked
+        assert {c.transform for c in adbackends.chunk_choices()} == {"jacrev", "vmap"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Tuple
 
+from .. import _memory
 from .._shared import ArgNums
 from ..backend import Backend, Refusal
 from . import _hessian
@@ -44,6 +45,10 @@ class TorchFuncBackend(Backend):
         chunk_size: Optional[int] = None,
         _preallocate_and_copy: bool = False,
     ) -> Callable[..., Any]:
+        if chunk_size == "auto":  # chosen within the memory limit: see adbackends._memory
+            return _memory.auto_backend(self).jacrev(  # type: ignore[no-any-return]
+                func, argnums, has_aux=has_aux
+            )
         return self._func.jacrev(
             func,
             argnums,
@@ -61,6 +66,10 @@ class TorchFuncBackend(Backend):
         *,
         chunk_size: Optional[int] = None,
     ) -> Callable[..., Any]:
+        if chunk_size == "auto":  # chosen within the memory limit: see adbackends._memory
+            return _memory.auto_backend(self).vmap(  # type: ignore[no-any-return]
+                func, in_dims, out_dims, randomness
+            )
         return self._func.vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
 
     def grad(
