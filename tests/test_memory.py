@@ -463,3 +463,23 @@ def test_backend_objects_take_auto(backend: str) -> None:
     same(mapped, tf.vmap(vector, in_dims=(0, None))(B, Y))
     if backend != "loop":  # the loop computes row by row, unchunked
         assert {c.transform for c in adbackends.chunk_choices()} == {"jacrev", "vmap"}
+
+
+def test_meter_counts_tensors_the_graph_keeps() -> None:
+    x = torch.ones(1000, dtype=torch.float64, requires_grad=True)
+    with _memory.measure() as meter:
+        out = x.exp().sum()  # exp's result is saved for backward: alive, though unnamed
+        held = meter.now()
+        del out  # the graph, and the saved tensor with it, goes
+        assert meter.now() < held
+    assert held >= 8000 and meter.peak() >= 8000
+
+
+def test_environment_limit_makes_none_automatic(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_memory.ENV_VAR, "40KiB")
+    with adbackends.using("torch.func"):
+        got = adbackends.hessian(scalar)(X)
+    same(got, tf.hessian(scalar)(X))
+    (choice,) = adbackends.chunk_choices()
+    assert choice.transform == "hessian" and choice.limit == 40 * 2**10
+    assert "source: TAD_AD_MAX_MEMORY" in "\n".join(_memory.format_report(_memory.report()))
