@@ -46,7 +46,7 @@ import threading
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
-from ._shared import ArgNums, external_stacklevel, normalize_argnums, summarize_exception
+from ._shared import ArgNums, external_stacklevel, normalize_argnums
 
 __all__ = [
     "ENV_VAR",
@@ -1195,6 +1195,3 @@ def oom_refusal_fix() -> str:
         "in chunks that fit"
     )
 
-
-def summarize(exc: BaseException) -> str:
-    return summarize_exception(exc, limit=300)
