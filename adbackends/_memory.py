@@ -1194,4 +1194,3 @@ def oom_refusal_fix() -> str:
         f"adbackends.memory_limit(...) or {ENV_VAR}) so that the native transform computes "
         "in chunks that fit"
     )
-
