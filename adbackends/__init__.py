@@ -27,6 +27,15 @@ from __future__ import annotations
 import warnings
 from typing import Any, List
 
+from ._memory import (
+    ChunkChoice,
+    MemoryWarning,
+    chunk_choices,
+    forget_chunks,
+    max_memory,
+    memory_limit,
+    set_max_memory,
+)
 from ._version import __version__
 from .backend import Backend
 from .errors import (
@@ -60,17 +69,21 @@ __all__ = [
     "BackendUnavailableError",
     "CapabilityError",
     "Choice",
+    "ChunkChoice",
     "Fallback",
     "FallbackWarning",
+    "MemoryWarning",
     "PluginError",
     "Support",
     "UnknownBackendError",
     "__version__",
     "available",
+    "chunk_choices",
     "current",
     "explain",
     "fallbacks",
     "fjacrev",
+    "forget_chunks",
     "forget_fallbacks",
     "fvmap",
     "get",
@@ -81,9 +94,12 @@ __all__ = [
     "jacrev",
     "jvp",
     "linearize",
+    "max_memory",
+    "memory_limit",
     "refresh",
     "register",
     "require",
+    "set_max_memory",
     "unregister",
     "use",
     "using",

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from typing import Any, Iterator, List, Optional, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "NOTICES",
     "ArgNums",
     "Notices",
+    "basis_rows",
     "RngState",
     "check_capability_names",
     "external_stacklevel",
@@ -28,6 +29,32 @@ __all__ = [
 
 #: What ``argnums`` may be: one position or a tuple of positions.
 ArgNums = Union[int, Tuple[int, ...]]
+
+
+# -- Jacobian rows --------------------------------------------------------------
+
+
+def basis_rows(flat_output: Sequence[Any], start: int, stop: int) -> List[Any]:
+    """Rows ``start:stop`` of the identity over all output elements, split per output.
+
+    Row ``r`` is the cotangent that picks output element ``r``; each piece has
+    its output's dtype, device and shape, with the rows in front.
+    """
+    import torch
+
+    pieces = []
+    offset = 0
+    rows = stop - start
+    for out in flat_output:
+        numel = out.numel()
+        piece = out.new_zeros((rows, numel))
+        lo, hi = max(start, offset), min(stop, offset + numel)
+        if lo < hi:
+            idx = torch.arange(lo, hi, device=out.device)
+            piece[idx - start, idx - offset] = 1
+        pieces.append(piece.view((rows, *out.shape)))
+        offset += numel
+    return pieces
 
 
 # -- one-time notices -------------------------------------------------------------

@@ -17,6 +17,9 @@ from typing import Any, Dict, List, Optional, Sequence
 __all__ = ["main", "report"]
 
 
+from . import _memory
+
+
 def report() -> Dict[str, Any]:
     """Everything the report shows, as plain data (what ``--json`` prints)."""
     import torch
@@ -100,6 +103,7 @@ def report() -> Dict[str, Any]:
         "native": native,
         "problems": REGISTRY.problems(),
         "probe_cache": cache_file(),  # None when ADBACKENDS_NO_CACHE is set
+        "memory": _memory.report(),
     }
 
 
@@ -156,6 +160,7 @@ def _format(data: Dict[str, Any]) -> str:
         lines.append(f"fjacrev/fvmap: unavailable: {native['error']}")
     else:
         lines.append(f"fjacrev/fvmap: {native['name']}")
+    lines.extend(_memory.format_report(data.get("memory")))
     if data["problems"]:
         lines.append("")
         lines.append("Plugin problems:")

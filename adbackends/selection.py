@@ -44,6 +44,7 @@ import threading
 import warnings
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+from . import _memory
 from ._shared import external_stacklevel
 from .backend import Backend
 from .errors import BackendError, BackendUnavailableError, UnknownBackendError
@@ -87,12 +88,24 @@ class Choice(NamedTuple):
         One sentence a person can read.
     rejected : tuple of (str, str)
         Candidates that were ruled out, with the reason for each.
+    max_memory : int or None
+        The memory limit in force now, in bytes (see :doc:`memory`).
+    chunks : list of ChunkChoice
+        The chunks chosen so far under automatic chunking.
     """
 
     backend: Backend
     source: str
     reason: str
     rejected: Tuple[Tuple[str, str], ...] = ()
+
+    @property
+    def max_memory(self) -> Optional[int]:
+        return _memory.max_memory()
+
+    @property
+    def chunks(self) -> List[Any]:
+        return _memory.chunk_choices()
 
 
 class _State:
@@ -163,7 +176,9 @@ def get(name: str) -> Backend:
     return _resolve(name, "get()")
 
 
-def use(name: Optional[str], *, fallback: Optional[str] = None) -> Optional[Backend]:
+def use(
+    name: Optional[str], *, fallback: Optional[str] = None, max_memory: Any = ...
+) -> Optional[Backend]:
     """Choose the backend for the whole process; validated at once.
 
     Parameters
@@ -177,6 +192,10 @@ def use(name: Optional[str], *, fallback: Optional[str] = None) -> Optional[Back
         Run each call that ``name`` cannot transform on this backend instead
         (``use("torch.func", fallback="loop")`` is ``use("torch.func>loop")``).
         Without it, a single name is strict: errors are raised as they are.
+    max_memory : int, str or None
+        Also set the memory limit, as :func:`adbackends.set_max_memory`
+        does (``"2GiB"``; ``None`` forgets it). Left out, the limit is
+        unchanged.
 
     Returns
     -------
@@ -192,13 +211,19 @@ def use(name: Optional[str], *, fallback: Optional[str] = None) -> Optional[Back
     'loop'
     >>> adbackends.use(None)
     """
+    if max_memory is not ...:
+        _memory.parse_size(max_memory)  # validates before anything changes
     if name is None:
         with _state.lock:
             _state.process = None
         log.debug("use(None): process-wide choice cleared")
+        if max_memory is not ...:
+            _memory.set_max_memory(max_memory)
         return None
     name = _with_fallback(_check_name(name, "use()"), fallback, "use()")
     backend = _backend_for(name, "use")  # validates before anything changes
+    if max_memory is not ...:
+        _memory.set_max_memory(max_memory)
     with _state.lock:
         _state.process = name
     log.debug("use(%r)", name)
@@ -206,12 +231,14 @@ def use(name: Optional[str], *, fallback: Optional[str] = None) -> Optional[Back
 
 
 @contextlib.contextmanager
-def using(name: str, *, fallback: Optional[str] = None) -> Iterator[Backend]:
+def using(name: str, *, fallback: Optional[str] = None, max_memory: Any = ...) -> Iterator[Backend]:
     """Use a backend inside a ``with`` block, for this thread or asyncio task only.
 
     Blocks nest, and leaving one restores exactly what was active before it;
     the process-wide choice made by :func:`use` is never touched. ``name`` and
-    ``fallback`` are as for :func:`use`.
+    ``fallback`` are as for :func:`use`; ``max_memory`` sets the memory limit
+    inside the block, as :func:`adbackends.memory_limit` does (``None``: no
+    limit there).
 
     Examples
     --------
@@ -221,10 +248,17 @@ def using(name: str, *, fallback: Optional[str] = None) -> Iterator[Backend]:
     ('loop', 'loop')
     """
     name = _with_fallback(_check_name(name, "using()"), fallback, "using()")
+    if max_memory is not ...:
+        _memory.parse_size(max_memory)  # validates before anything changes
     backend = _backend_for(name, "using")
+    limit = _memory.memory_limit(max_memory) if max_memory is not ... else None
     token = _context.set(name)
     try:
-        yield backend
+        if limit is None:
+            yield backend
+        else:
+            with limit:
+                yield backend
     finally:
         _context.reset(token)
 

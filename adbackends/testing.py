@@ -84,7 +84,8 @@ def reset_state() -> None:
     selection (``use()``, ``require()`` and every cached choice), the
     probes' answers in memory (:data:`adbackends.probes.STORE`; the file on
     disk is kept), the fallback log with the transforms the chains built
-    (:data:`adbackends.fallback.LOG`) and the one-time notices. Installed
+    (:data:`adbackends.fallback.LOG`), the memory limit set for the process
+    with the chunks chosen under it, and the one-time notices. Installed
     plugins and loaded backends stay. For tests that need a clean start.
 
     Examples
@@ -96,12 +97,13 @@ def reset_state() -> None:
     >>> adbackends.explain().source
     'auto'
     """
-    from . import selection
+    from . import _memory, selection
     from ._shared import NOTICES
     from .fallback import LOG
     from .probes import STORE
 
     selection._reset()
+    _memory.reset()
     STORE.forget()
     LOG.reset()
     NOTICES.reset()

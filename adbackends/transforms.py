@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Tuple, Union
 
+from . import _memory
 from .backends import _hessian
 from .selection import _choose
 
@@ -51,7 +52,7 @@ def jacrev(
     argnums: Union[int, Tuple[int, ...]] = 0,
     *,
     has_aux: bool = False,
-    chunk_size: Optional[int] = None,
+    chunk_size: Union[int, str, None] = None,
     _preallocate_and_copy: bool = False,
 ) -> Callable[..., Any]:
     """Jacobian of ``func`` by reverse-mode autodiff, on the active backend.
@@ -67,9 +68,13 @@ def jacrev(
     has_aux : bool
         ``func`` returns ``(output, aux)``; ``aux`` is returned beside the
         Jacobian and not differentiated.
-    chunk_size : int or None
+    chunk_size : int, "auto" or None
         How many Jacobian rows to compute at a time; ``None`` is all at once,
-        ``1`` is row by row. Lower it to bound memory.
+        ``1`` is row by row. Lower it to bound memory. ``"auto"`` chooses it
+        from a measurement so that the call stays under the memory limit
+        (:func:`adbackends.set_max_memory`), all at once when none is set; a
+        limit in force when the transform is built makes ``None`` mean
+        ``"auto"`` too. See :doc:`memory`.
 
     Returns
     -------
@@ -97,11 +102,17 @@ def jacrev(
     >>> torch.allclose(dy, torch.diag(2 * x))
     True
     """
+    if chunk_size == "auto" or (
+        chunk_size is None and _memory.limited() and _memory.max_memory() is not None
+    ):
+        return _memory.auto_backend(_choose().backend).jacrev(  # type: ignore[no-any-return]
+            func, argnums, has_aux=has_aux, chunk_size="auto"
+        )
     return _choose().backend.jacrev(
         func,
         argnums,
         has_aux=has_aux,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size,  # type: ignore[arg-type]
         _preallocate_and_copy=_preallocate_and_copy,
     )
 
@@ -112,7 +123,7 @@ def vmap(
     out_dims: Any = 0,
     randomness: str = "error",
     *,
-    chunk_size: Optional[int] = None,
+    chunk_size: Union[int, str, None] = None,
 ) -> Callable[..., Any]:
     """Map ``func`` over a batch dimension of its inputs, on the active backend.
 
@@ -128,8 +139,9 @@ def vmap(
     randomness : {"error", "different", "same"}
         Whether random operations in ``func`` raise, draw independently per
         sample, or draw once for the whole batch.
-    chunk_size : int or None
-        How many samples to process at a time. Lower it to bound memory.
+    chunk_size : int, "auto" or None
+        How many samples to process at a time. Lower it to bound memory;
+        ``"auto"`` chooses it within the memory limit, as for :func:`jacrev`.
 
     Returns
     -------
@@ -146,7 +158,19 @@ def vmap(
     >>> adbackends.vmap(lambda t: t**2, out_dims=1)(torch.ones(2, 4)).shape
     torch.Size([4, 2])
     """
-    return _choose().backend.vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
+    if chunk_size == "auto" or (
+        chunk_size is None and _memory.limited() and _memory.max_memory() is not None
+    ):
+        return _memory.auto_backend(_choose().backend).vmap(  # type: ignore[no-any-return]
+            func, in_dims, out_dims, randomness, chunk_size="auto"
+        )
+    return _choose().backend.vmap(
+        func,
+        in_dims,
+        out_dims,
+        randomness,
+        chunk_size=chunk_size,  # type: ignore[arg-type]
+    )
 
 
 def fjacrev(
@@ -391,7 +415,10 @@ def jacfwd(
     >>> torch.allclose(jac, torch.diag(x.cos()))
     True
     """
-    return _choose().backend.jacfwd(func, argnums, has_aux, randomness=randomness)
+    backend = _choose().backend
+    if _memory.limited() and _memory.max_memory() is not None:
+        backend = _memory.auto_backend(backend)
+    return backend.jacfwd(func, argnums, has_aux, randomness=randomness)  # type: ignore[no-any-return]
 
 
 def hessian(
@@ -432,6 +459,8 @@ def hessian(
     torch.Size([4, 2, 2])
     """
     backend = _choose().backend
+    if _memory.limited() and _memory.max_memory() is not None:
+        backend = _memory.auto_backend(backend)
     if hessian_strategy is None:
         return backend.hessian(func, argnums)
     with _hessian.requested(hessian_strategy, "adbackends.transforms.hessian_strategy"):

@@ -10,9 +10,9 @@ chunking).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List
 
-from .._shared import ArgNums, normalize_argnums
+from .._shared import ArgNums, basis_rows, normalize_argnums
 
 __all__ = ["check_chunk_size", "chunked_jacrev", "chunked_vmap"]
 
@@ -20,29 +20,6 @@ __all__ = ["check_chunk_size", "chunked_jacrev", "chunked_vmap"]
 def check_chunk_size(chunk_size: Any, message: str) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(message)
-
-
-def _basis_rows(flat_output: Sequence[Any], start: int, stop: int) -> List[Any]:
-    """Rows ``start:stop`` of the identity over all output elements, split per output.
-
-    Row ``r`` is the cotangent that picks output element ``r``; each piece has
-    its output's dtype, device and shape, with the rows in front.
-    """
-    import torch
-
-    pieces = []
-    offset = 0
-    rows = stop - start
-    for out in flat_output:
-        numel = out.numel()
-        piece = out.new_zeros((rows, numel))
-        lo, hi = max(start, offset), min(stop, offset + numel)
-        if lo < hi:
-            idx = torch.arange(lo, hi, device=out.device)
-            piece[idx - start, idx - offset] = 1
-        pieces.append(piece.view((rows, *out.shape)))
-        offset += numel
-    return pieces
 
 
 def chunked_jacrev(
@@ -99,7 +76,7 @@ def chunked_jacrev(
         chunks: List[List[Any]] = []
         for start in range(0, max(total, 1), chunk_size):
             stop = min(start + chunk_size, total)
-            basis = _basis_rows(flat_output, start, stop)
+            basis = basis_rows(flat_output, start, stop)
             if stop - start == 1 and chunk_size == 1:
                 rows = vjp_fn(tree_unflatten([b[0] for b in basis], output_spec))
                 chunks.append([r.unsqueeze(0) for r in tree_flatten(rows)[0]])

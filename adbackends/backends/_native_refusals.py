@@ -143,6 +143,10 @@ def classify(exc: BaseException) -> Optional[Refusal]:
     """
     if not isinstance(exc, (RuntimeError, NotImplementedError)):
         return None
+    from .._memory import is_out_of_memory, oom_refusal_fix
+
+    if is_out_of_memory(exc):  # what is left after any smaller chunks were tried
+        return Refusal("out_of_memory", summarize_exception(exc, limit=300), oom_refusal_fix())
     try:
         text = str(exc)
     except Exception:  # an exception whose str() fails says nothing we can use

@@ -39,6 +39,7 @@ import inspect
 import warnings
 from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
+from .. import _memory
 from .._shared import NOTICES, ArgNums, external_stacklevel, normalize_argnums
 from ..backend import Backend, Refusal
 from ..errors import CapabilityError
@@ -127,6 +128,10 @@ class FunctorchBackend(Backend):
         chunk_size: Optional[int] = None,
         _preallocate_and_copy: bool = False,
     ) -> Callable[..., Any]:
+        if chunk_size == "auto":  # chosen within the memory limit: see adbackends._memory
+            return _memory.auto_backend(self).jacrev(  # type: ignore[no-any-return]
+                func, argnums, has_aux=has_aux
+            )
         if self._deprecated:
             _warn_once()
         kwargs: Dict[str, Any] = {"has_aux": has_aux}
@@ -163,6 +168,10 @@ class FunctorchBackend(Backend):
         *,
         chunk_size: Optional[int] = None,
     ) -> Callable[..., Any]:
+        if chunk_size == "auto":  # chosen within the memory limit: see adbackends._memory
+            return _memory.auto_backend(self).vmap(  # type: ignore[no-any-return]
+                func, in_dims, out_dims, randomness
+            )
         if self._deprecated:
             _warn_once()
         kwargs: Dict[str, Any] = {}

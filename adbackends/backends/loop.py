@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Tuple
 
+from .. import _memory
 from .._shared import ArgNums
 from ..backend import Backend
 from . import _loop_family as family
@@ -95,6 +96,10 @@ class LoopBackend(Backend):
         chunk_size: Optional[int] = None,
         _preallocate_and_copy: bool = False,
     ) -> Callable[..., Any]:
+        if chunk_size == "auto":  # chosen within the memory limit: see adbackends._memory
+            return _memory.auto_backend(self).jacrev(  # type: ignore[no-any-return]
+                func, argnums, has_aux=has_aux
+            )
         return jacrev(
             func,
             argnums,
@@ -112,6 +117,10 @@ class LoopBackend(Backend):
         *,
         chunk_size: Optional[int] = None,
     ) -> Callable[..., Any]:
+        if chunk_size == "auto":  # chosen within the memory limit: see adbackends._memory
+            return _memory.auto_backend(self).vmap(  # type: ignore[no-any-return]
+                func, in_dims, out_dims, randomness
+            )
         return vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
 
     def grad(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Tuple
 
+from .. import _memory
 from .._shared import ArgNums
 from ..backend import Backend, Refusal
 from . import _hessian
@@ -17,8 +18,9 @@ from ._native_refusals import refusal_of
 
 __all__ = ["TorchFuncBackend"]
 
-#: The transforms torch.func provides with exactly this contract's signature.
-_PASSED_THROUGH = ("jacrev", "vmap", "grad", "grad_and_value", "vjp", "jvp", "jacfwd", "linearize")
+#: Transforms that compute at once, passed through unchanged: their method
+#: is on every call's path (the others are built once and their results kept).
+_PASSED_THROUGH = ("vjp", "jvp", "linearize")
 
 
 class TorchFuncBackend(Backend):
@@ -54,6 +56,10 @@ class TorchFuncBackend(Backend):
         chunk_size: Optional[int] = None,
         _preallocate_and_copy: bool = False,
     ) -> Callable[..., Any]:
+        if chunk_size == "auto":  # chosen within the memory limit: see adbackends._memory
+            return _memory.auto_backend(self).jacrev(  # type: ignore[no-any-return]
+                func, argnums, has_aux=has_aux
+            )
         return self._func.jacrev(
             func,
             argnums,
@@ -71,6 +77,10 @@ class TorchFuncBackend(Backend):
         *,
         chunk_size: Optional[int] = None,
     ) -> Callable[..., Any]:
+        if chunk_size == "auto":  # chosen within the memory limit: see adbackends._memory
+            return _memory.auto_backend(self).vmap(  # type: ignore[no-any-return]
+                func, in_dims, out_dims, randomness
+            )
         return self._func.vmap(func, in_dims, out_dims, randomness, chunk_size=chunk_size)
 
     def grad(
