@@ -19,7 +19,10 @@ input shapes and limit, so later calls run at once, without measuring.
 Peak memory is measured on CPU by counting the bytes of every storage that
 the call's operations create while it runs (a ``TorchDispatchMode`` with
 weak references to the storages, freed bytes subtracted when a storage
-dies), and on CUDA with ``torch.cuda.max_memory_allocated``.
+dies), and on CUDA with ``torch.cuda.max_memory_allocated``. Where this torch
+cannot count storages (torch 1.12 and 1.13: see :func:`cpu_meter_problem`),
+a limit in force for a call on CPU tensors that has no chunk remembered
+raises :class:`~adbackends.CapabilityError` instead of running unmeasured.
 
 Without a limit, ``chunk_size="auto"`` runs the backend's unchunked
 transform. Whenever the layer runs (``"auto"``, or a limit), an
@@ -54,6 +57,7 @@ __all__ = [
     "MemoryWarning",
     "auto_backend",
     "chunk_choices",
+    "cpu_meter_problem",
     "forget_chunks",
     "is_out_of_memory",
     "max_memory",
@@ -409,12 +413,97 @@ class _CudaMeter(_Meter):
         self.cuda.reset_peak_memory_stats(self.device)
 
 
-def meter_for(leaves: List[Any]) -> _Meter:
-    """The meter for a call on these tensors: CUDA's statistics, else the storage count."""
+_cpu_problem: Any = _UNSET
+
+
+def cpu_meter_problem() -> Optional[str]:
+    """Why peak memory on CPU cannot be measured with this torch; ``None`` where it can.
+
+    Checked once, on first use, by what the meter needs rather than by a
+    version number: ``Tensor.untyped_storage()``, a ``TorchDispatchMode``
+    that a ``with`` statement enters, a storage's Python object that lives
+    exactly as long as its tensor's data, and a meter that counts a known
+    allocation. torch 1.12 and 1.13 lack the first (1.12 the second too);
+    torch 2.1 and later have all of them.
+
+    Examples
+    --------
+    >>> from adbackends._memory import cpu_meter_problem
+    >>> reason = cpu_meter_problem()
+    >>> reason is None or isinstance(reason, str)
+    True
+    """
+    global _cpu_problem
+    if _cpu_problem is _UNSET:
+        _cpu_problem = _check_cpu_meter()
+    return _cpu_problem  # type: ignore[no-any-return]
+
+
+def _check_cpu_meter() -> Optional[str]:
+    import weakref
+
+    import torch
+
+    here = f"torch {torch.__version__}"
+    if not hasattr(torch.Tensor, "untyped_storage"):
+        return f"{here} has no Tensor.untyped_storage(), by which the meter tells storages apart"
+    try:
+        from torch.utils._python_dispatch import TorchDispatchMode
+    except ImportError:
+        return f"{here} has no TorchDispatchMode, by which the meter sees each allocation"
+    if not hasattr(TorchDispatchMode, "__enter__"):
+        return f"{here}'s TorchDispatchMode cannot be entered with a with statement"
+    tensor = torch.empty(4)
+    storage = tensor.untyped_storage()
+    ref = weakref.ref(storage)
+    del storage
+    if ref() is None:
+        return (
+            f"{here} does not keep a storage's Python object while its tensor lives, so the "
+            "meter cannot tell when a storage is freed"
+        )
+    try:
+        with _cpu_meter() as meter:
+            block = torch.empty(256, dtype=torch.float32)
+            held = meter.now()
+            del block
+            counted = (held, meter.now())
+    except Exception as exc:  # a dispatch mode this torch runs differently
+        return f"the storage meter does not run on {here}: {type(exc).__name__}: {exc}"
+    if counted != (1024, 0):
+        return (
+            f"the storage meter miscounts on {here}: {counted[0]} bytes held and "
+            f"{counted[1]} after the free, for a 1024-byte tensor"
+        )
+    return None
+
+
+def no_meter_error(backend: str, what: str, limit: Optional[int], problem: str) -> Exception:
+    """The error for a memory limit on CPU tensors where no CPU meter works."""
+    from .errors import CapabilityError
+
+    return CapabilityError(
+        backend,
+        "cpu_memory_meter",
+        f"{problem}; so no chunk can be chosen to keep {what} under the limit. What works "
+        "here: no limit (chunk_size='auto' then runs unchunked and halves its chunk when the "
+        "allocator refuses), an int chunk_size=, CUDA tensors (whose allocator statistics "
+        "are the meter), the 'loop' backend (one row at a time), or torch >= 2.1",
+        detail=f"max_memory={format_size(limit)} for CPU tensors",
+    )
+
+
+def meter_for(leaves: List[Any]) -> Optional[_Meter]:
+    """The meter for a call on these tensors: CUDA's statistics, else the storage count.
+
+    ``None`` where this torch has no CPU meter; :func:`cpu_meter_problem` says why.
+    """
     for leaf in leaves:
         device = getattr(leaf, "device", None)
         if device is not None and device.type == "cuda":
             return _CudaMeter(device)
+    if cpu_meter_problem() is not None:
+        return None
     return _cpu_meter()
 
 
@@ -422,11 +511,21 @@ def meter_for(leaves: List[Any]) -> _Meter:
 def measure() -> Iterator[_Meter]:
     """Measure the peak bytes allocated on CPU inside the block (``meter.peak()``).
 
-    The measurement the chunk choice uses, for tests and benchmarks.
+    The measurement the chunk choice uses, for tests and benchmarks. Raises
+    :class:`~adbackends.CapabilityError` where :func:`cpu_meter_problem` says
+    this torch has none.
     """
+    problem = cpu_meter_problem()
+    if problem is not None:
+        raise no_meter_error("adbackends", "a measured block", None, problem)
     meter = _cpu_meter()
     with meter:
         yield meter
+
+
+def _storage_bytes(tensor: Any) -> int:
+    """The bytes of a tensor just made by ``new_empty`` (contiguous, its own storage)."""
+    return int(tensor.numel() * tensor.element_size())
 
 
 # -- out of memory ------------------------------------------------------------------------
@@ -579,9 +678,21 @@ def _inside_transform() -> bool:
         return True
     try:
         from torch._C._functorch import peek_interpreter_stack
-    except ImportError:  # pragma: no cover - torch < 2.0
-        return False
+    except ImportError:  # torch < 2.0: functorch's own flag (in torch 1.13, or functorch 0.2)
+        return _old_transforms_active()
     return peek_interpreter_stack() is not None
+
+
+def _old_transforms_active() -> bool:
+    import sys
+
+    import torch
+
+    active = getattr(getattr(torch._C, "_functorch", None), "are_transforms_active", None)
+    if active is None:  # functorch 0.2 (torch 1.12): no transform runs unless it is imported
+        module = sys.modules.get("functorch._C")
+        active = getattr(module, "are_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 class _Plan:
@@ -611,6 +722,11 @@ class _Plan:
     def start(self) -> Optional[_Meter]:
         if self.known is None:
             self.meter = meter_for(self.leaves)
+            problem = cpu_meter_problem() if self.meter is None else None
+            if problem is not None and self.limit is not None and not self.oom:
+                # Never run unmeasured under a limit the user set.
+                what = f"{self.transform}({_label(self.func)})"
+                raise no_meter_error(self.backend, what, self.limit, problem)
         return self.meter
 
     def run(self, units: int, run: Callable[[int, int], None], extra_per_unit: int = 0) -> None:
@@ -900,7 +1016,7 @@ class _Jacrev(_Chunked):
             if not results:  # allocated after the rows: not part of a chunk's cost
                 for row, primal in zip(rows, flat_primals):
                     results.append(row.new_empty((total, *primal.shape)))
-                    plan.kept += results[-1].untyped_storage().nbytes()
+                    plan.kept += _storage_bytes(results[-1])
             for result, row in zip(results, rows):
                 result[start:stop].copy_(row)
             del rows, basis
@@ -964,7 +1080,7 @@ class _Jacfwd(_Chunked):
                 state["spec"] = spec
                 state["shapes"] = [tuple(leaf.shape[1:]) for leaf in leaves]
                 state["results"] = [leaf.new_empty((leaf[0].numel(), total)) for leaf in leaves]
-                plan.kept += sum(r.untyped_storage().nbytes() for r in state["results"])
+                plan.kept += sum(_storage_bytes(r) for r in state["results"])
             for result, leaf in zip(state["results"], leaves):
                 result[:, start:stop].copy_(leaf.reshape(stop - start, -1).t())
             del out, leaves, basis

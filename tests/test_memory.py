@@ -15,7 +15,14 @@ from adbackends.backends._native_refusals import classify
 
 from . import reference as tf  # torch.func, or functorch before torch 2.0
 
-BACKENDS = ["torch.func", "functorch", "loop", "torch.func>loop"]
+#: The native backend that loads here: torch.func, or functorch before torch 2.0.
+NATIVE = "torch.func" if tf.NAME == "torch.func" else "functorch"
+BACKENDS = list(dict.fromkeys([NATIVE, "functorch", "loop", f"{NATIVE}>loop"]))
+#: Why this torch cannot measure peak memory on CPU (torch 1.12, 1.13); None where it can.
+NO_CPU_METER = _memory.cpu_meter_problem()
+needs_cpu_meter = pytest.mark.skipif(
+    NO_CPU_METER is not None, reason=f"no CPU memory meter here: {NO_CPU_METER}"
+)
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123456789 bytes."
 
 
@@ -113,8 +120,9 @@ def test_limit_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bad_environment_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(_memory.ENV_VAR, "lots")
-    with pytest.raises(ValueError, match="TAD_AD_MAX_MEMORY='lots' is not a memory size"):
-        adbackends.jacrev(torch.sin, chunk_size="auto")(X)
+    with adbackends.using(NATIVE):
+        with pytest.raises(ValueError, match="TAD_AD_MAX_MEMORY='lots' is not a memory size"):
+            adbackends.jacrev(torch.sin, chunk_size="auto")(X)
 
 
 # -- results equal the unchunked ones -----------------------------------------------------
@@ -167,6 +175,13 @@ def cases() -> Any:
 @pytest.mark.parametrize("case", list(cases()))
 def test_auto_equals_unchunked(case: str, backend: str, limit: Any) -> None:
     got_fn, want_fn = cases()[case]
+    if limit is not None and backend != "loop" and NO_CPU_METER is not None:
+        # No meter to choose a chunk by: the clear error, never an unmeasured run.
+        with adbackends.using(backend), adbackends.memory_limit(limit):
+            with pytest.raises(adbackends.CapabilityError, match="cpu_memory_meter"):
+                got_fn()
+        assert adbackends.fallbacks() == []
+        return
     with adbackends.using(backend), adbackends.memory_limit(limit):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", adbackends.MemoryWarning)
@@ -177,8 +192,9 @@ def test_auto_equals_unchunked(case: str, backend: str, limit: Any) -> None:
     same(again, want)
 
 
+@needs_cpu_meter
 def test_a_limit_chunks_natively_and_is_remembered() -> None:
-    with adbackends.using("torch.func"), adbackends.memory_limit("40KiB"):
+    with adbackends.using(NATIVE), adbackends.memory_limit("40KiB"):
         adbackends.jacrev(vector, chunk_size="auto")(X, Y)
     (choice,) = adbackends.chunk_choices()
     assert choice.transform == "jacrev" and choice.function == "vector"
@@ -187,22 +203,23 @@ def test_a_limit_chunks_natively_and_is_remembered() -> None:
 
 
 def test_without_a_limit_auto_is_the_unchunked_transform() -> None:
-    with adbackends.using("torch.func"):
+    with adbackends.using(NATIVE):
         got = adbackends.jacrev(vector, chunk_size="auto")(X, Y)
     same(got, tf.jacrev(vector)(X, Y))
     assert adbackends.chunk_choices() == []
 
 
 def test_an_int_chunk_size_is_still_the_backends() -> None:
-    with adbackends.using("torch.func"), adbackends.memory_limit("1KiB"):
+    with adbackends.using(NATIVE), adbackends.memory_limit("1KiB"):
         got = adbackends.jacrev(vector, chunk_size=7)(X, Y)
     same(got, tf.jacrev(vector)(X, Y))  # chunks change no value
     assert adbackends.chunk_choices() == []
 
 
+@needs_cpu_meter
 def test_requires_grad_and_graph_as_unchunked() -> None:
     x = X.clone().requires_grad_(True)
-    with adbackends.using("torch.func"), adbackends.memory_limit("40KiB"):
+    with adbackends.using(NATIVE), adbackends.memory_limit("40KiB"):
         got = adbackends.jacrev(torch.sin, chunk_size="auto")(x)
     want = tf.jacrev(torch.sin)(x)
     assert got.requires_grad == want.requires_grad
@@ -231,6 +248,7 @@ def peak(fn: Any) -> int:
     return meter.peak()
 
 
+@needs_cpu_meter
 @pytest.mark.parametrize(
     "case",
     ["jacobian", "hessian", "vmap_jacrev"],
@@ -249,7 +267,7 @@ def test_peak_stays_under_a_quarter_of_unchunked(case: str) -> None:
     else:
         plain = lambda: adbackends.vmap(adbackends.jacrev(f))(batch)  # noqa: E731
         auto = lambda: adbackends.vmap(adbackends.jacrev(f), chunk_size="auto")(batch)  # noqa: E731
-    with adbackends.using("torch.func"):
+    with adbackends.using(NATIVE):
         unchunked = peak(plain)
         limit = unchunked // 4
         with adbackends.memory_limit(limit):
@@ -260,6 +278,7 @@ def test_peak_stays_under_a_quarter_of_unchunked(case: str) -> None:
     assert choice.peak is not None and choice.peak <= limit
 
 
+@needs_cpu_meter
 def test_meter_counts_what_is_allocated() -> None:
     with _memory.measure() as meter:
         a = torch.ones(1000, dtype=torch.float64)
@@ -294,7 +313,7 @@ def test_cuda_peak_stays_under_the_limit(case: str) -> None:
         del result
         return torch.cuda.max_memory_allocated() - start
 
-    with adbackends.using("torch.func"):
+    with adbackends.using(NATIVE):
         unchunked = cuda_peak()
         with adbackends.memory_limit(unchunked // 4):
             measured = [cuda_peak(), cuda_peak()]
@@ -305,8 +324,8 @@ def test_cuda_peak_stays_under_the_limit(case: str) -> None:
 
 
 def inject_oom(monkeypatch: pytest.MonkeyPatch, most: int, kind: Any = RuntimeError) -> Any:
-    """torch.func's jacrev always runs out of memory; its vmap beyond ``most`` samples."""
-    native = adbackends.get("torch.func")
+    """The native jacrev always runs out of memory; its vmap beyond ``most`` samples."""
+    native = adbackends.get(NATIVE)
     real_vmap = native.vmap
     calls = {"whole": 0, "chunks": []}
 
@@ -338,7 +357,7 @@ def energy(x: Any) -> Any:
     return torch.sin(x).cumsum(0) * x.sum()
 
 
-@pytest.mark.parametrize("backend", ["torch.func", "torch.func>loop"])
+@pytest.mark.parametrize("backend", [NATIVE, f"{NATIVE}>loop"])
 def test_injected_oom_is_retried_in_smaller_chunks(
     backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -364,7 +383,7 @@ def test_injected_oom_is_retried_in_smaller_chunks(
 
 def test_oom_at_one_row_goes_to_the_loop_under_a_chain(monkeypatch: pytest.MonkeyPatch) -> None:
     inject_oom(monkeypatch, most=0, kind=getattr(torch, "OutOfMemoryError", RuntimeError))
-    with adbackends.using("torch.func>loop"):
+    with adbackends.using(f"{NATIVE}>loop"):
         with pytest.warns(adbackends.FallbackWarning, match="out of memory|can't allocate"):
             got = adbackends.jacrev(energy, chunk_size="auto")(X)
     same(got, tf.jacrev(energy)(X))
@@ -374,15 +393,15 @@ def test_oom_at_one_row_goes_to_the_loop_under_a_chain(monkeypatch: pytest.Monke
 
 def test_oom_on_a_strict_backend_still_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     inject_oom(monkeypatch, most=0)
-    with adbackends.using("torch.func"), pytest.raises(RuntimeError, match="can't allocate"):
+    with adbackends.using(NATIVE), pytest.raises(RuntimeError, match="can't allocate"):
         adbackends.jacrev(energy, chunk_size="auto")(X)
-    with adbackends.using("torch.func"), pytest.raises(RuntimeError, match="can't allocate"):
+    with adbackends.using(NATIVE), pytest.raises(RuntimeError, match="can't allocate"):
         adbackends.jacrev(energy)(X)
 
 
 def test_plain_oom_under_a_chain_is_a_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
     inject_oom(monkeypatch, most=0)
-    with adbackends.using("torch.func>loop"):
+    with adbackends.using(f"{NATIVE}>loop"):
         with pytest.warns(adbackends.FallbackWarning):
             got = adbackends.jacrev(energy)(X)
     same(got, tf.jacrev(energy)(X))
@@ -392,7 +411,8 @@ def test_other_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(x: Any) -> Any:
         raise ValueError("the function's own error")
 
-    with adbackends.using("torch.func>loop"), adbackends.memory_limit("1MiB"):
+    limit = "1MiB" if NO_CPU_METER is None else None  # no limit on CPU without a meter
+    with adbackends.using(f"{NATIVE}>loop"), adbackends.memory_limit(limit):
         with pytest.raises(ValueError, match="own error"):
             adbackends.jacrev(broken, chunk_size="auto")(X)
     assert adbackends.chunk_choices() == [] and adbackends.fallbacks() == []
@@ -409,53 +429,62 @@ def test_classify_out_of_memory() -> None:
 # -- visible -------------------------------------------------------------------------------
 
 
+@needs_cpu_meter
 def test_report_shows_limit_and_chunks() -> None:
     from adbackends.cli import _format, report
 
     adbackends.set_max_memory("40KiB")
-    with adbackends.using("torch.func"):
+    with adbackends.using(NATIVE):
         adbackends.jacrev(vector)(X, Y)  # a limit makes chunk_size=None automatic
     data = report()
     assert data["memory"]["max_memory"] == 40 * 2**10
     assert data["memory"]["source"] == "set_max_memory()"
     text = _format(data)
     assert "Memory limit: 40 KiB (source: set_max_memory())" in text
-    assert "jacrev(vector) on torch.func" in text and "chunk_size=" in text
+    assert f"jacrev(vector) on {NATIVE}" in text and "chunk_size=" in text
 
 
 def test_use_and_using_set_the_limit() -> None:
     try:
         adbackends.use("loop", max_memory="2MiB")
         assert adbackends.max_memory() == 2 * 2**20
-        with adbackends.using("torch.func", max_memory="1MiB") as backend:
-            assert backend.name == "torch.func" and adbackends.max_memory() == 2**20
+        with adbackends.using(NATIVE, max_memory="1MiB") as backend:
+            assert backend.name == NATIVE and adbackends.max_memory() == 2**20
         assert adbackends.max_memory() == 2 * 2**20
         adbackends.use("loop")  # left out: unchanged
         assert adbackends.max_memory() == 2 * 2**20
         with pytest.raises(ValueError, match="not a memory size"):
-            adbackends.use("torch.func", max_memory="a lot")
+            adbackends.use(NATIVE, max_memory="a lot")
         assert adbackends.current().name == "loop", "a bad limit changes nothing"
         with pytest.raises(ValueError, match="not a memory size"):
-            with adbackends.using("torch.func", max_memory="a lot"):
+            with adbackends.using(NATIVE, max_memory="a lot"):
                 pass
     finally:
         adbackends.use(None, max_memory=None)
     assert adbackends.max_memory() is None
 
 
+@needs_cpu_meter
 def test_explain_shows_limit_and_chunks() -> None:
-    with adbackends.using("torch.func", max_memory="40KiB"):
+    with adbackends.using(NATIVE, max_memory="40KiB"):
         adbackends.jacrev(vector, chunk_size="auto")(X, Y)
         choice = adbackends.explain()
         assert choice.max_memory == 40 * 2**10
         (chunk,) = choice.chunks
-        assert chunk.function == "vector" and chunk.backend == "torch.func"
+        assert chunk.function == "vector" and chunk.backend == NATIVE
     assert adbackends.explain().max_memory is None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_objects_take_auto(backend: str) -> None:
     chosen = adbackends.get(backend)
+    if backend != "loop" and NO_CPU_METER is not None:
+        with adbackends.memory_limit("40KiB"):
+            with pytest.raises(adbackends.CapabilityError, match="cpu_memory_meter"):
+                chosen.jacrev(vector, argnums=(0, 1), chunk_size="auto")(X, Y)
+            with pytest.raises(adbackends.CapabilityError, match="cpu_memory_meter"):
+                chosen.vmap(vector, in_dims=(0, None), chunk_size="auto")(B, Y)
+        return
     with adbackends.memory_limit("40KiB"), warnings.catch_warnings():
         warnings.simplefilter("ignore", adbackends.MemoryWarning)
         jac = chosen.jacrev(vector, argnums=(0, 1), chunk_size="auto")(X, Y)
@@ -466,6 +495,7 @@ def test_backend_objects_take_auto(backend: str) -> None:
         assert {c.transform for c in adbackends.chunk_choices()} == {"jacrev", "vmap"}
 
 
+@needs_cpu_meter
 def test_meter_counts_tensors_the_graph_keeps() -> None:
     x = torch.ones(1000, dtype=torch.float64, requires_grad=True)
     with _memory.measure() as meter:
@@ -476,11 +506,124 @@ def test_meter_counts_tensors_the_graph_keeps() -> None:
     assert held >= 8000 and meter.peak() >= 8000
 
 
+@needs_cpu_meter
 def test_environment_limit_makes_none_automatic(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(_memory.ENV_VAR, "40KiB")
-    with adbackends.using("torch.func"):
+    with adbackends.using(NATIVE):
         got = adbackends.hessian(scalar)(X)
     same(got, tf.hessian(scalar)(X))
     (choice,) = adbackends.chunk_choices()
     assert choice.transform == "hessian" and choice.limit == 40 * 2**10
     assert "source: TAD_AD_MAX_MEMORY" in "\n".join(_memory.format_report(_memory.report()))
+
+
+# -- torches without a CPU meter (1.12, 1.13) -------------------------------------------------
+
+
+def test_cpu_meter_check_agrees_with_this_torch() -> None:
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version >= (2, 1):
+        assert NO_CPU_METER is None
+    if not hasattr(torch.Tensor, "untyped_storage"):
+        assert NO_CPU_METER is not None and "untyped_storage" in NO_CPU_METER
+    assert _memory.cpu_meter_problem() is NO_CPU_METER  # checked once
+
+
+def test_without_a_cpu_meter_a_limit_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real reason on torch 1.12 and 1.13; the same path, simulated, elsewhere.
+    problem = NO_CPU_METER or "this torch cannot count storages (simulated)"
+    monkeypatch.setattr(_memory, "_cpu_problem", problem)
+    calls = [
+        ("jacrev(vector)", lambda: adbackends.jacrev(vector, chunk_size="auto")(X, Y)),
+        ("hessian(scalar)", lambda: adbackends.hessian(scalar)(X)),
+        ("vmap(vector)", lambda: adbackends.vmap(vector, (0, None), chunk_size="auto")(B, Y)),
+    ]
+    for backend in [NATIVE, f"{NATIVE}>loop"]:
+        for what, call in calls:
+            with adbackends.using(backend), adbackends.memory_limit("40KiB"):
+                with pytest.raises(adbackends.CapabilityError) as info:
+                    call()
+            text = str(info.value)
+            assert problem in text and what in text and "max_memory=40 KiB" in text, text
+            for works in ("no limit", "int chunk_size", "CUDA", "'loop'", "torch >= 2.1"):
+                assert works in text, (works, text)
+            assert info.value.capability == "cpu_memory_meter"
+            assert isinstance(info.value, RuntimeError)
+            assert not _memory.is_out_of_memory(info.value)  # not retried as one
+    assert adbackends.chunk_choices() == [] and adbackends.fallbacks() == []
+    with pytest.raises(adbackends.CapabilityError, match="cpu_memory_meter"):
+        with _memory.measure():
+            pass
+    # What the error says works does.
+    want = tf.jacrev(vector)(X, Y)
+    with adbackends.using(NATIVE):
+        same(adbackends.jacrev(vector, chunk_size="auto")(X, Y), want)
+    with adbackends.using(NATIVE), adbackends.memory_limit("40KiB"):
+        same(adbackends.jacrev(vector, chunk_size=7)(X, Y), want)
+    with adbackends.using("loop"), adbackends.memory_limit("40KiB"):
+        same(adbackends.jacrev(vector, chunk_size="auto")(X, Y), want)
+    assert adbackends.chunk_choices() == []
+
+
+class OomOnce:
+    """``func``, whose first call fails as the CPU allocator does."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        self.__name__ = self.__qualname__ = func.__name__
+        self.failed = 0
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.failed:
+            self.failed += 1
+            raise RuntimeError(CPU_OOM)
+        return self.func(*args)
+
+
+def oom_cases() -> Any:
+    auto = _memory.auto_backend(adbackends.get(NATIVE))  # jacfwd, hessian: automatic here
+    return {
+        "jacrev": (
+            lambda f: adbackends.jacrev(f, argnums=(0, 1), chunk_size="auto")(X, Y),
+            vector,
+            lambda: tf.jacrev(vector, argnums=(0, 1))(X, Y),
+        ),
+        "jacfwd": (
+            lambda f: auto.jacfwd(f, argnums=(0, 1))(X, Y),
+            vector,
+            lambda: tf.jacfwd(vector, argnums=(0, 1))(X, Y),
+        ),
+        "hessian": (lambda f: auto.hessian(f)(X), scalar, lambda: tf.hessian(scalar)(X)),
+        "vmap": (
+            lambda f: adbackends.vmap(f, in_dims=(0, None), chunk_size="auto")(B, Y),
+            vector,
+            lambda: tf.vmap(vector, in_dims=(0, None))(B, Y),
+        ),
+        "vmap_jacrev": (
+            lambda f: adbackends.vmap(adbackends.jacrev(f, chunk_size="auto"), chunk_size="auto")(
+                B
+            ),
+            scalar,
+            lambda: tf.vmap(tf.jacrev(scalar))(B),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(oom_cases()))
+def test_chunk_loop_after_oom_equals_unchunked(case: str) -> None:
+    # No limit and no meter needed: on torch 1.12/1.13 this is the chunk loop on functorch.
+    run, func, want_fn = oom_cases()[case]
+    failing = OomOnce(func)
+    with adbackends.using(NATIVE):
+        with pytest.warns(adbackends.MemoryWarning, match="ran out of memory") as rec:
+            got = run(failing)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", adbackends.MemoryWarning)
+            again = run(failing)  # the remembered chunk, no second warning
+    assert failing.failed == 1
+    assert len([w for w in rec if issubclass(w.category, adbackends.MemoryWarning)]) == 1
+    (choice,) = adbackends.chunk_choices()
+    assert choice.reason == "out_of_memory" and 1 <= choice.chunk < choice.units
+    want = want_fn()
+    same(got, want)
+    same(again, want)
