@@ -435,11 +435,18 @@ def cpu_meter_problem() -> Optional[str]:
     """
     global _cpu_problem
     if _cpu_problem is _UNSET:
+        import torch
+
+        stack = getattr(torch._C, "_len_torch_dispatch_stack", None)
+        if stack is not None and stack() > 0:
+            # Another dispatch mode (fake tensors, a tracer) would see the trial
+            # tensors: answer by attributes alone, and check fully next time.
+            return _check_cpu_meter(trial=False)
         _cpu_problem = _check_cpu_meter()
     return _cpu_problem  # type: ignore[no-any-return]
 
 
-def _check_cpu_meter() -> Optional[str]:
+def _check_cpu_meter(trial: bool = True) -> Optional[str]:
     import weakref
 
     import torch
@@ -453,6 +460,8 @@ def _check_cpu_meter() -> Optional[str]:
         return f"{here} has no TorchDispatchMode, by which the meter sees each allocation"
     if not hasattr(TorchDispatchMode, "__enter__"):
         return f"{here}'s TorchDispatchMode cannot be entered with a with statement"
+    if not trial:
+        return None
     tensor = torch.empty(4)
     storage = tensor.untyped_storage()
     ref = weakref.ref(storage)

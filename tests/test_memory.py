@@ -529,6 +529,23 @@ def test_cpu_meter_check_agrees_with_this_torch() -> None:
     assert _memory.cpu_meter_problem() is NO_CPU_METER  # checked once
 
 
+@needs_cpu_meter
+def test_cpu_meter_check_inside_another_mode_is_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passing(TorchDispatchMode):  # type: ignore[misc]
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(_memory, "_cpu_problem", _memory._UNSET)
+    with Passing():
+        assert _memory.cpu_meter_problem() is None
+    assert _memory._cpu_problem is _memory._UNSET, "checked fully outside the mode"
+    assert _memory.cpu_meter_problem() is None and _memory._cpu_problem is None
+
+
 def test_without_a_cpu_meter_a_limit_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     # The real reason on torch 1.12 and 1.13; the same path, simulated, elsewhere.
     problem = NO_CPU_METER or "this torch cannot count storages (simulated)"
