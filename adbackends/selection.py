@@ -546,17 +546,47 @@ def _with_loop_fallback(choice: Choice) -> Choice:
     """Auto's choice, given the loop backend as per-call fallback where that helps.
 
     A backend with native transforms cannot transform every function; the
-    loop backend can. Where the loop backend itself was chosen (torch 1.12
-    and 1.13, whose functorch refuses autograd Functions) nothing changes.
+    loop backend can. Where the loop backend itself was chosen, a native
+    backend ruled out before it is chained with it where that chain passes
+    the required probes (:func:`_native_with_loop`: functorch>loop on torch
+    1.12 and 1.13, whose functorch refuses autograd Functions on its own).
     """
     native = choice.backend
-    if native.name == "loop" or not native.supports("transforms"):
+    if native.name == "loop":
+        return _native_with_loop(choice)
+    if not native.supports("transforms"):
         return choice
     if REGISTRY.failure("loop") is not None:
         return choice
     chain = _chain((native.name, "loop"))
     reason = f"{choice.reason}, with loop as per-call fallback"
     return choice._replace(backend=chain, reason=reason)
+
+
+def _native_with_loop(choice: Choice) -> Choice:
+    """Where the loop was chosen: a ruled-out native backend chained with it, if that qualifies.
+
+    The rule is :func:`adbackends._auto_chain.native_chain` (functorch>loop
+    on torch 1.12 and 1.13).
+    """
+    from ._auto_chain import native_chain
+
+    def loaded(name: str) -> Optional[Backend]:
+        return None if REGISTRY.failure(name) is not None else REGISTRY.get(name)
+
+    found = native_chain(
+        choice.rejected,
+        _state.required,
+        loaded=loaded,
+        chain=lambda name: _chain((name, "loop")),
+    )
+    if found is None:
+        return choice
+    chain, name, why = found
+    before = tuple(r for r in choice.rejected[: [n for n, _ in choice.rejected].index(name)])
+    order = ", ".join(AUTO_ORDER)
+    reason = f"first in priority order ({order}) that qualifies: {why}"
+    return choice._replace(backend=chain, reason=reason, rejected=before)
 
 
 # -- native transforms and hints -----------------------------------------------------

@@ -44,6 +44,7 @@ from .._shared import ArgNums, external_stacklevel, normalize_argnums
 from ..backend import Backend, Refusal
 from ..errors import CapabilityError
 from ..selection import alternatives
+from . import _functorch_guards as _guards
 from . import _hessian
 from ._functorch_chunks import check_chunk_size, chunked_jacrev, chunked_vmap
 from ._native_refusals import classify
@@ -118,6 +119,11 @@ class FunctorchBackend(Backend):
                 if native is not None:
                     self._family[api] = native
         self._family_params = {api: _parameters(fn) for api, fn in self._family.items()}
+        # What this copy gets wrong, found out by trying (_functorch_guards).
+        quirks = _guards.Quirks(self._jacrev, self._vmap, self._family.get("jvp"))
+        self._complex_guard = quirks.takes_complex()
+        self._integer_guard = quirks.takes_integers()
+        self._none_out_dims_guard = quirks.refuses_none_out_dims()
 
     @property
     def version(self) -> str:
@@ -149,7 +155,11 @@ class FunctorchBackend(Backend):
             if not self._knows(self._jacrev_params, "chunk_size"):
                 check_chunk_size(chunk_size, "jacrev: `chunk_size` should be greater than 0.")
                 return self._refusing(
-                    chunked_jacrev(self._vjp, self._vmap, func, argnums, has_aux, chunk_size)
+                    self._real(
+                        "jacrev",
+                        argnums,
+                        chunked_jacrev(self._vjp, self._vmap, func, argnums, has_aux, chunk_size),
+                    )
                 )
             kwargs["chunk_size"] = chunk_size
         if _negative(argnums):
@@ -163,8 +173,8 @@ class FunctorchBackend(Backend):
                 nums = positions if isinstance(argnums, tuple) else positions[0]
                 return native(func, nums, **kwargs)(*args)
 
-            return self._refusing(jacobian)
-        return self._refusing(self._jacrev(func, argnums, **kwargs))
+            return self._refusing(self._real("jacrev", argnums, jacobian))
+        return self._refusing(self._real("jacrev", argnums, self._jacrev(func, argnums, **kwargs)))
 
     def vmap(
         self,
@@ -178,6 +188,13 @@ class FunctorchBackend(Backend):
         if self._deprecated:
             _warn_once()
         kwargs: Dict[str, Any] = {}
+        if self._none_out_dims_guard and _guards.has_none(out_dims):
+            raise self._refusal(
+                "vmap_out_dims_none",
+                f"functorch {self.version} has no vmap(out_dims=None) (it raises ValueError); "
+                "the loop backend has it",
+            )
+        failure = self._vmap_failure(func, in_dims)
         if randomness != "error":
             self._require(self._vmap_params, "vmap", "randomness", "randomness")
         if self._knows(self._vmap_params, "randomness"):
@@ -190,10 +207,10 @@ class FunctorchBackend(Backend):
                 )
                 vmap = functools.partial(self._vmap, **kwargs)
                 return self._refusing(
-                    chunked_vmap(vmap, func, in_dims, out_dims, randomness, chunk_size)
+                    chunked_vmap(vmap, func, in_dims, out_dims, randomness, chunk_size), failure
                 )
             kwargs["chunk_size"] = chunk_size
-        return self._refusing(self._vmap(func, in_dims, out_dims, **kwargs))
+        return self._refusing(self._vmap(func, in_dims, out_dims, **kwargs), failure)
 
     def grad(
         self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
@@ -225,6 +242,9 @@ class FunctorchBackend(Backend):
         kwargs = {"strict": True} if strict else {}
         if has_aux:
             kwargs["has_aux"] = True
+        if self._integer_guard:  # functorch 0.2.1 computes with integer tensors
+            _guards.check_floating("primal", primals)
+            _guards.check_floating("tangent", tangents)
         return self._refusing(native)(func, primals, tangents, **kwargs)
 
     def jacfwd(
@@ -241,15 +261,17 @@ class FunctorchBackend(Backend):
             self._require(self._family_params["jacfwd"], "jacfwd", "randomness", "randomness")
         if self._knows(self._family_params["jacfwd"], "randomness"):
             kwargs["randomness"] = randomness
-        return self._refusing(_counted(lambda f, n: native(f, n, **kwargs), func, argnums))
+        built = _counted(lambda f, n: native(f, n, **kwargs), func, argnums)
+        if self._integer_guard:
+            built = _guards.guard_floating(argnums, built)
+        return self._refusing(self._real("jacfwd", argnums, built))
 
     def hessian(self, func: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
         forward = self._api("hessian")
         jacrev = self._jacrev
         name = self.name
-        return self._refusing(
-            _counted(lambda f, n: _hessian.build(name, jacrev, forward, f, n), func, argnums)
-        )
+        built = _counted(lambda f, n: _hessian.build(name, jacrev, forward, f, n), func, argnums)
+        return self._refusing(self._real("jacfwd", argnums, built))
 
     def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
         native = self._api("linearize")
@@ -303,8 +325,16 @@ class FunctorchBackend(Backend):
             detail=f"{api}({name}=...)",
         )
 
-    def _refusing(self, transformed: Callable[..., Any]) -> Callable[..., Any]:
-        """Turn functorch's refusal of an autograd.Function into a CapabilityError."""
+    def _refusing(
+        self,
+        transformed: Callable[..., Any],
+        failure: Optional[Callable[[BaseException, Tuple[Any, ...]], Optional[BaseException]]] = None,
+    ) -> Callable[..., Any]:
+        """Turn functorch's refusal of an autograd.Function into a CapabilityError.
+
+        ``failure(exc, args)``, where given, may replace any other error of
+        the call (see :func:`_functorch_guards.vmap_failure`).
+        """
         backend = self
 
         @functools.wraps(transformed)
@@ -313,13 +343,46 @@ class FunctorchBackend(Backend):
                 return transformed(*args, **kwargs)
             except CapabilityError:
                 raise
-            except RuntimeError as exc:
-                capability = _refused(exc)
-                if capability is None:
+            except Exception as exc:
+                capability = _refused(exc) if isinstance(exc, RuntimeError) else None
+                if capability is not None:
+                    raise backend._function_error(capability, exc) from exc
+                other = failure(exc, args) if failure is not None else None
+                if other is None:
                     raise
-                raise backend._function_error(capability, exc) from exc
+                raise other from exc
 
         return call
+
+    # -- guards (adbackends.backends._functorch_guards) ----------------------------
+
+    def _real(self, api: str, argnums: ArgNums, built: Callable[..., Any]) -> Callable[..., Any]:
+        """``built``, checked for complex inputs where this functorch takes them silently."""
+        if not self._complex_guard:
+            return built
+        return functools.wraps(built)(_guards.guard_real(api, argnums, built))
+
+    def _refusal(self, capability: str, reason: str) -> CapabilityError:
+        """A refusal ``cannot_transform`` recognises: a chain runs the call on its fallback."""
+        return CapabilityError(self.name, capability, reason)
+
+    def _vmap_failure(
+        self, func: Callable[..., Any], in_dims: Any
+    ) -> Callable[[BaseException, Tuple[Any, ...]], Optional[BaseException]]:
+        def failure(exc: BaseException, args: Tuple[Any, ...]) -> Optional[BaseException]:
+            return _guards.vmap_failure(
+                exc,
+                func,
+                in_dims,
+                args,
+                lambda what: self._refusal(
+                    "vmap_zero_batch",
+                    f"functorch {self.version} cannot {what} (it fails inside); "
+                    "the loop backend maps over it",
+                ),
+            )
+
+        return failure
 
     def _function_error(self, capability: str, exc: BaseException) -> CapabilityError:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
