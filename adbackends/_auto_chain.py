@@ -33,8 +33,8 @@ def native_chain(
     rejected: Sequence[Tuple[str, str]],
     required: Sequence[str],
     *,
-    loaded: Callable[[str], Optional["Backend"]],
-    chain: Callable[[str], "Backend"],
+    loaded: Callable[[str], Optional[Backend]],
+    chain: Callable[[str], Backend],
 ) -> Optional[Found]:
     """The first ruled-out backend whose chain with the loop passes ``required``.
 

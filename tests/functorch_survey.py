@@ -51,7 +51,13 @@ def _outcome(call: Callable[[], Any]) -> Tuple[bool, Any]:
         return False, exc
 
 
-def difference(actual: Any, expected: Any, atol: float = 1e-7, rtol: float = 1e-6) -> Optional[str]:
+def difference(
+    actual: Any,
+    expected: Any,
+    atol: float = 1e-7,
+    rtol: float = 1e-6,
+    requires_grad: bool = True,
+) -> Optional[str]:
     """How two results differ (structure, shape, dtype, requires_grad, value), or None."""
     a_leaves, a_spec = tree_flatten(actual)
     e_leaves, e_spec = tree_flatten(expected)
@@ -65,7 +71,7 @@ def difference(actual: Any, expected: Any, atol: float = 1e-7, rtol: float = 1e-
                 return f"leaf {i}: shape {tuple(a.shape)} != {tuple(e.shape)}"
             if a.dtype != e.dtype:
                 return f"leaf {i}: dtype {a.dtype} != {e.dtype}"
-            if a.requires_grad != e.requires_grad:
+            if requires_grad and a.requires_grad != e.requires_grad:
                 return f"leaf {i}: requires_grad {a.requires_grad} != {e.requires_grad}"
             if a.numel() and not torch.allclose(
                 a.detach(), e.detach(), atol=atol, rtol=rtol, equal_nan=True
@@ -77,7 +83,7 @@ def difference(actual: Any, expected: Any, atol: float = 1e-7, rtol: float = 1e-
     return None
 
 
-def judge(call: Callable[[Any], Any], functorch: Any, loop: Any, **tol: float) -> Verdict:
+def judge(call: Callable[[Any], Any], functorch: Any, loop: Any, **tol: Any) -> Verdict:
     """Run ``call(backend)`` on both backends and classify the outcome (see the module)."""
     ok_loop, expected = _outcome(lambda: call(loop))
     ok_ft, actual = _outcome(lambda: call(functorch))
@@ -215,9 +221,7 @@ for _nums in (0, 1, -1, -2, (0, 1), (-1, 0), (1,), (-2,), (0, -1)):
     _add(f"jacrev argnums={_nums}", lambda b, n=_nums: b.jacrev(_vector, n)(X, Y))
     _add(f"jacfwd argnums={_nums}", lambda b, n=_nums: b.jacfwd(_vector, n)(X, Y))
     _add(f"grad argnums={_nums}", lambda b, n=_nums: b.grad(_scalar, n)(X, Y))
-    _add(
-        f"grad_and_value argnums={_nums}", lambda b, n=_nums: b.grad_and_value(_scalar, n)(X, Y)
-    )
+    _add(f"grad_and_value argnums={_nums}", lambda b, n=_nums: b.grad_and_value(_scalar, n)(X, Y))
     _add(f"hessian argnums={_nums}", lambda b, n=_nums: b.hessian(_scalar, n)(X, Y))
     _add(
         f"jacrev chunk_size=2 argnums={_nums}",
@@ -356,14 +360,19 @@ for _mode_name, _mode in (("no_grad", torch.no_grad), ("enable_grad", torch.enab
     _add(f"{_mode_name} around hessian", _under(_mode, lambda b: b.hessian(_scalar)(X, Y)))
     _add(f"{_mode_name} around vjp", _under(_mode, _vjp_call))
     _add(f"{_mode_name} around jvp", _under(_mode, lambda b: b.jvp(_vector, (X, Y), (Y, X))))
-    _add(f"{_mode_name} around vmap(grad)", _under(_mode, lambda b: b.vmap(b.grad(_scalar))(XB, YB)))
+    _add(
+        f"{_mode_name} around vmap(grad)", _under(_mode, lambda b: b.vmap(b.grad(_scalar))(XB, YB))
+    )
     _add(f"{_mode_name} around grad closure", _under(_mode, lambda b: b.grad(_closure)(X)))
     _add(f"{_mode_name} around vmap closure", _under(_mode, lambda b: b.vmap(_closure_vec)(XB)))
 _add("no_grad inside grad", lambda b: b.grad(_inner_no_grad)(X))
 _add("no_grad inside jacrev", lambda b: b.jacrev(_inner_no_grad)(X))
 _add("no_grad inside hessian", lambda b: b.hessian(_inner_no_grad)(X))
 _add("no_grad inside vmap(grad)", lambda b: b.vmap(b.grad(_inner_no_grad))(XB))
-_add("enable_grad inside grad under no_grad", _under(torch.no_grad, lambda b: b.grad(_inner_enable_grad)(X)))
+_add(
+    "enable_grad inside grad under no_grad",
+    _under(torch.no_grad, lambda b: b.grad(_inner_enable_grad)(X)),
+)
 _add("no_grad inside jacfwd", lambda b: b.jacfwd(_inner_no_grad)(X))
 
 # integer and complex inputs
@@ -376,7 +385,10 @@ _add("jacfwd integer input", lambda b: b.jacfwd(lambda n: n * 2.0)(_I[0]))
 _add("hessian integer input", lambda b: b.hessian(lambda n: (n * 2.0).sum())(_I[0]))
 _add("vjp integer input", lambda b: b.vjp(lambda n: n * 2.0, _I[0])[1](X))
 _add("grad integer output", lambda b: b.grad(lambda x: (x > 0).sum())(X))
-_add("jacrev integer argument not differentiated", lambda b: b.jacrev(lambda x, n: x * n, 0)(X, _I[0]))
+_add(
+    "jacrev integer argument not differentiated",
+    lambda b: b.jacrev(lambda x, n: x * n, 0)(X, _I[0]),
+)
 _Z = torch.complex(_t(3, seed=4), _t(3, seed=5))
 _ZB = torch.complex(_t(4, 3, seed=6), _t(4, 3, seed=7))
 _add("grad complex input", lambda b: b.grad(_complex_loss)(_Z))
@@ -390,6 +402,12 @@ _add("grad complex output", lambda b: b.grad(lambda z: (z * z).sum())(_Z))
 _add("hessian complex input", lambda b: b.hessian(_complex_loss)(_Z))
 _add("grad real to complex closure", lambda b: b.grad(lambda x: (x * _Z).abs().sum())(X))
 _add("jacrev float32", lambda b: b.jacrev(_vector)(X.float(), Y.float()))
+_add(
+    "jacfwd requires_grad of a linear in-place chain",
+    lambda b: b.jacfwd(lambda x: (x * 1.0).mul_(0.5))(_t(3, rg=True)),
+)
+_add("jacfwd float32", lambda b: b.jacfwd(_vector)(X.float(), Y.float()))
+_add("jacfwd float32 0-dim times a number", lambda b: b.jacfwd(lambda x: x * 1.0)(X[0].float()))
 
 # zero-size batches and empty inputs
 _E = torch.ones(0, 3, dtype=torch.float64)
@@ -418,9 +436,7 @@ _add("hessian linear function", lambda b: b.hessian(lambda x: (x * 2).sum())(X))
 _add("vjp output independent of input", lambda b: b.vjp(lambda x: Y * 2, X)[1](X))
 _add("jvp output independent of input", lambda b: b.jvp(lambda x: Y * 2, (X,), (X,)))
 _add("jacrev of a view", lambda b: b.jacrev(lambda x: x.view(3, 1).t()[0])(X))
-_add(
-    "jacrev in-place on a copy", lambda b: b.jacrev(lambda x: x.clone().mul_(2).add_(x))(X)
-)
+_add("jacrev in-place on a copy", lambda b: b.jacrev(lambda x: x.clone().mul_(2).add_(x))(X))
 _add("vmap in-place on a copy", lambda b: b.vmap(lambda x: x.clone().mul_(2).add_(x))(XB))
 _add("vmap in-place on unbatched", lambda b: b.vmap(lambda x: Y.clone().add_(x))(XB))
 _add("grad detach inside", lambda b: b.grad(lambda x: (x.detach() * x).sum())(X))
@@ -428,9 +444,14 @@ _add("vmap(grad) detach inside", lambda b: b.vmap(b.grad(lambda x: (x.detach() *
 _add("jacfwd detach inside", lambda b: b.jacfwd(lambda x: x.detach() * x)(X))
 _add("vmap python number output", lambda b: b.vmap(lambda x: (x * 2, 3.0))(XB))
 _add("grad non-scalar output", lambda b: b.grad(lambda x: x * 2)(X))
-_add("vmap matmul batched weight", lambda b: b.vmap(torch.mv, (0, None))(XB.reshape(4, 3, 1).expand(4, 3, 3), Y))
+_add(
+    "vmap matmul batched weight",
+    lambda b: b.vmap(torch.mv, (0, None))(XB.reshape(4, 3, 1).expand(4, 3, 3), Y),
+)
 _add("jacrev has_aux non-tensor aux", lambda b: b.jacrev(lambda x: (x * 2, 7), has_aux=True)(X))
-_add("grad has_aux non-tensor aux", lambda b: b.grad(lambda x: ((x * 2).sum(), "a"), has_aux=True)(X))
+_add(
+    "grad has_aux non-tensor aux", lambda b: b.grad(lambda x: ((x * 2).sum(), "a"), has_aux=True)(X)
+)
 
 
 def run_all(functorch: Any, loop: Any) -> List[Tuple[str, Verdict]]:

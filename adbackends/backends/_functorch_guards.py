@@ -14,10 +14,11 @@ difference it found is handled here in one of two ways:
 
 The guards (docs/compatibility.rst has the table):
 
-``jacrev``/``jacfwd``/``hessian`` of a complex input
+``jacrev``/``jacfwd``/``hessian`` of a complex input or output
     functorch before torch 2.0 returns a Jacobian (``jacrev`` the conjugate
-    of ``jacfwd``'s) where torch.func refuses complex inputs. Checked first:
-    torch.func's ``RuntimeError`` (:func:`check_real`).
+    of ``jacfwd``'s for a complex input, only the real part for a complex
+    output) where torch.func refuses both. Checked: torch.func's
+    ``RuntimeError`` (:func:`check_real`, :func:`real_outputs`).
 ``jvp``/``jacfwd`` of an integer primal or tangent
     functorch 0.2.1 computes; torch.func raises ``ValueError``. Checked first
     (:func:`check_floating`).
@@ -29,6 +30,9 @@ The guards (docs/compatibility.rst has the table):
     every functorch (and torch.func) fails with an ``IndexError`` or an
     assertion; the loop backend maps over the empty batch. Refused on the
     error path (:func:`vmap_failure`).
+functorch's internal "Could not allocate memory to change Tensor SizesAndStrides"
+    functorch before torch 2.0, forward mode over some 0-dim tensors, where
+    the loop computes: refused (:func:`internal_failure`).
 ``vmap(out_dims=None)`` (or ``None`` inside ``out_dims``)
     functorch before torch 2.0 does not have it and raises ``ValueError`` at
     the call. Refused when the transform is built (:func:`refuses_none_out_dims`).
@@ -44,6 +48,7 @@ the installed copy needs none of them.
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -52,6 +57,10 @@ __all__ = [
     "Quirks",
     "check_floating",
     "check_real",
+    "internal_failure",
+    "real_outputs",
+    "guard_floating",
+    "guard_real",
     "has_none",
     "vmap_failure",
 ]
@@ -157,22 +166,55 @@ def _leaves(tree: Any) -> Sequence[Any]:
     return tree_flatten(tree)[0]  # type: ignore[no-any-return]
 
 
-def check_real(api: str, args: Sequence[Any], argnums: Any) -> None:
-    """torch.func's error for a complex input at ``argnums``; nothing for real ones.
-
-    ``argnums`` must be valid here (non-negative and in range): an invalid
-    one is left for the transform itself to report.
-    """
-    try:
-        chosen = _selected(args, argnums)
-    except (IndexError, TypeError):
-        return
-    for idx, leaf in enumerate(_leaves(chosen)):
+def check_real(api: str, args: Sequence[Any]) -> None:
+    """torch.func's error for a complex input (any argument, as torch.func checks)."""
+    for idx, leaf in enumerate(_leaves(tuple(args))):
         if getattr(leaf, "is_complex", None) is not None and leaf.is_complex():
             raise RuntimeError(
                 f"{api}: Expected all inputs to be real but received complex tensor "
                 f"at flattened input idx: {idx}"
             )
+
+
+def real_outputs(api: str, func: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
+    """``func``, raising torch.func's error when an output (not the aux) is complex.
+
+    Old functorch differentiates a complex output of real inputs silently
+    (``jacrev`` keeps only the real part); torch.func refuses it.
+    """
+
+    @functools.wraps(func)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        result = func(*args, **kwargs)
+        outputs = result[0] if has_aux and isinstance(result, tuple) and result else result
+        for idx, leaf in enumerate(_leaves(outputs)):
+            if getattr(leaf, "is_complex", None) is not None and leaf.is_complex():
+                raise RuntimeError(
+                    f"{api}: Expected all outputs to be real but received complex tensor "
+                    f"at flattened input idx: {idx}"
+                )
+        return result
+
+    return checked
+
+
+#: Fragments of functorch's own failures (not the function's) that the loop
+#: backend does not share: a chain sends such calls to the loop.
+_INTERNAL = (
+    # functorch before torch 2.0, forward mode over some 0-dim tensors
+    "Could not allocate memory to change Tensor SizesAndStrides",
+)
+
+
+def internal_failure(exc: BaseException) -> Optional[str]:
+    """The fragment naming ``exc`` as one of functorch's own failures, if it is one."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc)
+    for fragment in _INTERNAL:
+        if fragment in text:
+            return fragment
+    return None
 
 
 def check_floating(what: str, tree: Any) -> None:
@@ -211,11 +253,11 @@ def vmap_failure(
     return None
 
 
-def guard_real(api: str, argnums: Any, transformed: Callable[..., Any]) -> Callable[..., Any]:
-    """``transformed``, raising torch.func's error first for a complex input at ``argnums``."""
+def guard_real(api: str, transformed: Callable[..., Any]) -> Callable[..., Any]:
+    """``transformed``, raising torch.func's error first for a complex input."""
 
     def checked(*args: Any, **kwargs: Any) -> Any:
-        check_real(api, args, argnums)
+        check_real(api, args)
         return transformed(*args, **kwargs)
 
     return checked

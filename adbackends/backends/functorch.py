@@ -148,6 +148,7 @@ class FunctorchBackend(Backend):
         if self._deprecated:
             _warn_once()
         kwargs: Dict[str, Any] = {"has_aux": has_aux}
+        func = self._real("jacrev", func, has_aux)
         if _preallocate_and_copy:
             self._require(self._jacrev_params, "jacrev", "_preallocate_and_copy", "chunk_size")
             kwargs["_preallocate_and_copy"] = True
@@ -155,9 +156,8 @@ class FunctorchBackend(Backend):
             if not self._knows(self._jacrev_params, "chunk_size"):
                 check_chunk_size(chunk_size, "jacrev: `chunk_size` should be greater than 0.")
                 return self._refusing(
-                    self._real(
+                    self._real_inputs(
                         "jacrev",
-                        argnums,
                         chunked_jacrev(self._vjp, self._vmap, func, argnums, has_aux, chunk_size),
                     )
                 )
@@ -173,8 +173,8 @@ class FunctorchBackend(Backend):
                 nums = positions if isinstance(argnums, tuple) else positions[0]
                 return native(func, nums, **kwargs)(*args)
 
-            return self._refusing(self._real("jacrev", argnums, jacobian))
-        return self._refusing(self._real("jacrev", argnums, self._jacrev(func, argnums, **kwargs)))
+            return self._refusing(self._real_inputs("jacrev", jacobian))
+        return self._refusing(self._real_inputs("jacrev", self._jacrev(func, argnums, **kwargs)))
 
     def vmap(
         self,
@@ -261,17 +261,19 @@ class FunctorchBackend(Backend):
             self._require(self._family_params["jacfwd"], "jacfwd", "randomness", "randomness")
         if self._knows(self._family_params["jacfwd"], "randomness"):
             kwargs["randomness"] = randomness
+        func = self._real("jacfwd", func, has_aux)
         built = _counted(lambda f, n: native(f, n, **kwargs), func, argnums)
         if self._integer_guard:
             built = _guards.guard_floating(argnums, built)
-        return self._refusing(self._real("jacfwd", argnums, built))
+        return self._refusing(self._real_inputs("jacfwd", built))
 
     def hessian(self, func: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
         forward = self._api("hessian")
         jacrev = self._jacrev
         name = self.name
+        func = self._real("jacfwd", func)
         built = _counted(lambda f, n: _hessian.build(name, jacrev, forward, f, n), func, argnums)
-        return self._refusing(self._real("jacfwd", argnums, built))
+        return self._refusing(self._real_inputs("jacfwd", built))
 
     def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
         native = self._api("linearize")
@@ -303,6 +305,9 @@ class FunctorchBackend(Backend):
             cause = exc.__cause__
             found = classify(cause) if cause is not None else None
             return found or Refusal(exc.capability, exc.reason, "use the loop backend")
+        internal = _guards.internal_failure(exc)  # functorch's own failures the loop avoids
+        if internal is not None:
+            return Refusal("internal_failure", internal, "nothing in the function: use the loop")
         return classify(exc)
 
     # -- gaps -----------------------------------------------------------------
@@ -328,7 +333,9 @@ class FunctorchBackend(Backend):
     def _refusing(
         self,
         transformed: Callable[..., Any],
-        failure: Optional[Callable[[BaseException, Tuple[Any, ...]], Optional[BaseException]]] = None,
+        failure: Optional[
+            Callable[[BaseException, Tuple[Any, ...]], Optional[BaseException]]
+        ] = None,
     ) -> Callable[..., Any]:
         """Turn functorch's refusal of an autograd.Function into a CapabilityError.
 
@@ -356,11 +363,21 @@ class FunctorchBackend(Backend):
 
     # -- guards (adbackends.backends._functorch_guards) ----------------------------
 
-    def _real(self, api: str, argnums: ArgNums, built: Callable[..., Any]) -> Callable[..., Any]:
-        """``built``, checked for complex inputs where this functorch takes them silently."""
+    def _real(
+        self, api: str, func: Callable[..., Any], has_aux: bool = False
+    ) -> Callable[..., Any]:
+        """``func``, raising torch.func's error for a complex output where this
+        functorch differentiates one silently."""
+        if not self._complex_guard:
+            return func
+        return _guards.real_outputs(api, func, has_aux)
+
+    def _real_inputs(self, api: str, built: Callable[..., Any]) -> Callable[..., Any]:
+        """``built``, raising torch.func's error for a complex input where this
+        functorch differentiates one silently."""
         if not self._complex_guard:
             return built
-        return functools.wraps(built)(_guards.guard_real(api, argnums, built))
+        return functools.wraps(built)(_guards.guard_real(api, built))
 
     def _refusal(self, capability: str, reason: str) -> CapabilityError:
         """A refusal ``cannot_transform`` recognises: a chain runs the call on its fallback."""
