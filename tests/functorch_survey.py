@@ -406,6 +406,10 @@ _add(
     "jacfwd requires_grad of a linear in-place chain",
     lambda b: b.jacfwd(lambda x: (x * 1.0).mul_(0.5))(_t(3, rg=True)),
 )
+_add(
+    "hessian requires_grad of a zero block",
+    lambda b: b.hessian(lambda x, y: x.cos().sum(), (0, 1))(_t(3, rg=True), Y),
+)
 _add("jacfwd float32", lambda b: b.jacfwd(_vector)(X.float(), Y.float()))
 _add("jacfwd float32 0-dim times a number", lambda b: b.jacfwd(lambda x: x * 1.0)(X[0].float()))
 

@@ -161,6 +161,8 @@ def _leaves(tree: Any) -> Sequence[Any]:
 
     if isinstance(tree, torch.Tensor):
         return (tree,)
+    if type(tree) is tuple and all(type(t) is torch.Tensor for t in tree):
+        return tree  # the usual arguments: no pytree walk
     from torch.utils._pytree import tree_flatten
 
     return tree_flatten(tree)[0]  # type: ignore[no-any-return]
