@@ -32,7 +32,9 @@ The guards (docs/compatibility.rst has the table):
     error path (:func:`vmap_failure`).
 functorch's internal "Could not allocate memory to change Tensor SizesAndStrides"
     functorch before torch 2.0, forward mode over some 0-dim tensors, where
-    the loop computes: refused (:func:`internal_failure`).
+    the loop computes: refused (:func:`internal_failure`); so is "Cannot access
+    data pointer of Tensor that doesn't have storage", from a function that
+    reads ``data_ptr()`` of its inputs.
 ``vmap(out_dims=None)`` (or ``None`` inside ``out_dims``)
     functorch before torch 2.0 does not have it and raises ``ValueError`` at
     the call. Refused when the transform is built (:func:`refuses_none_out_dims`).
@@ -51,7 +53,7 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 __all__ = [
     "Quirks",
@@ -200,22 +202,35 @@ def real_outputs(api: str, func: Callable[..., Any], has_aux: bool) -> Callable[
     return checked
 
 
-#: Fragments of functorch's own failures (not the function's) that the loop
-#: backend does not share: a chain sends such calls to the loop.
-_INTERNAL = (
-    # functorch before torch 2.0, forward mode over some 0-dim tensors
-    "Could not allocate memory to change Tensor SizesAndStrides",
+#: functorch's own failures (not errors of the function) that the loop
+#: backend does not share, so that a chain sends such calls to the loop:
+#: (fragment of the message, kind, what would let functorch transform it).
+_INTERNAL: Tuple[Tuple[str, str, str], ...] = (
+    (
+        # functorch before torch 2.0, forward mode over some 0-dim tensors
+        "Could not allocate memory to change Tensor SizesAndStrides",
+        "internal_failure",
+        "nothing in the function: functorch fails inside; the loop backend computes it",
+    ),
+    (
+        # a function that reads data_ptr() (a cache keyed on tensor identity,
+        # as dxtb's calculators keep): functorch's wrapped tensors have no storage
+        "Cannot access data pointer of Tensor that doesn't have storage",
+        "data_pointer",
+        "do not read data_ptr() or the storage of tensors inside the transformed function "
+        "(turn off caches keyed on tensor identity)",
+    ),
 )
 
 
-def internal_failure(exc: BaseException) -> Optional[str]:
-    """The fragment naming ``exc`` as one of functorch's own failures, if it is one."""
+def internal_failure(exc: BaseException) -> Optional[Tuple[str, str, str]]:
+    """``(fragment, kind, fix)`` where ``exc`` is one of functorch's own failures."""
     if not isinstance(exc, RuntimeError):
         return None
     text = str(exc)
-    for fragment in _INTERNAL:
-        if fragment in text:
-            return fragment
+    for known in _INTERNAL:
+        if known[0] in text:
+            return known
     return None
 
 

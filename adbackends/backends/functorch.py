@@ -307,7 +307,7 @@ class FunctorchBackend(Backend):
             return found or Refusal(exc.capability, exc.reason, "use the loop backend")
         internal = _guards.internal_failure(exc)  # functorch's own failures the loop avoids
         if internal is not None:
-            return Refusal("internal_failure", internal, "nothing in the function: use the loop")
+            return Refusal(internal[1], internal[0], internal[2])
         return classify(exc)
 
     # -- gaps -----------------------------------------------------------------
