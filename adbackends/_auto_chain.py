@@ -8,11 +8,18 @@ requirement ``custom_function``.
 
 Where the loop backend was picked that way, this rule looks again at the
 backends ruled out before it. The first one that loads, has native
-composable transforms (the ``transforms`` probe) and whose chain with the
-loop backend, ``name>loop``, passes every required probe becomes the choice:
-each call then runs natively where it can and on the loop where it must.
-The decision is made by probes, never by a version number; on torch 1.12 and
-1.13 it gives ``functorch>loop``.
+composable transforms (the ``transforms`` probe), fails none of the
+requirements that code added with :func:`adbackends.require` (only default
+ones, :data:`~adbackends.selection.DEFAULT_REQUIRED`) and whose chain with
+the loop backend, ``name>loop``, passes every required probe becomes the
+choice: each call then runs natively where it can and on the loop where it
+must. The decision is made by probes, never by a version number; on torch
+1.12 and 1.13 it gives ``functorch>loop``.
+
+A requirement added by code says that the code relies on it everywhere
+(``require("legacy_function")``: ctx-style Functions throughout), where a
+chain would fall back on every function: there the loop backend stays the
+choice, on every torch.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ Found = Tuple["Backend", str, str]
 def native_chain(
     rejected: Sequence[Tuple[str, str]],
     required: Sequence[str],
+    waivable: Sequence[str],
     *,
     loaded: Callable[[str], Optional[Backend]],
     chain: Callable[[str], Backend],
@@ -44,6 +52,9 @@ def native_chain(
         The candidates the first rule ruled out, in priority order.
     required : sequence of str
         The probes automatic selection demands.
+    waivable : sequence of str
+        The default requirements: a backend may fail these alone where its
+        chain with the loop passes them.
     loaded : callable
         ``loaded(name)``: the loaded backend, or ``None`` where it does not load.
     chain : callable
@@ -57,6 +68,8 @@ def native_chain(
     for name, why in rejected:
         backend = loaded(name)
         if backend is None or not backend.supports("transforms"):
+            continue
+        if any(cap not in waivable and not backend.supports(cap) for cap in required):
             continue
         candidate = chain(name)
         if all(candidate.supports(cap) for cap in required):

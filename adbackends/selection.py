@@ -577,6 +577,7 @@ def _native_with_loop(choice: Choice) -> Choice:
     found = native_chain(
         choice.rejected,
         _state.required,
+        DEFAULT_REQUIRED,
         loaded=loaded,
         chain=lambda name: _chain((name, "loop")),
     )

@@ -115,6 +115,18 @@ def test_auto_chains_a_native_backend_that_fails_alone(monkeypatch):
     assert selection._auto().backend.name == "loop"
 
 
+def test_auto_keeps_the_loop_where_code_requires_what_natives_lack():
+    """require("legacy_function") says ctx-style Functions are everywhere: no chain."""
+    adbackends.require("legacy_function")
+    natives_lack = all(
+        not REGISTRY.get(n).supports("legacy_function") for n in LOADABLE if n != "loop"
+    )
+    choice = adbackends.explain()
+    if natives_lack:
+        assert choice.backend.name == "loop"
+        assert [n for n, _ in choice.rejected] == [n for n in selection.AUTO_ORDER if n != "loop"]
+
+
 def test_use_beats_env_and_auto(monkeypatch):
     env_choice = _other_than("loop")
     monkeypatch.setenv(selection.ENV_VAR, env_choice)
