@@ -21,7 +21,10 @@ A *chain* ``native>fallback`` (``use("torch.func", fallback="loop")``,
 when that backend cannot transform the function, on the fallback
 (:mod:`adbackends.fallback`). Automatic selection makes one: when the first
 qualified backend has native transforms, auto is that backend with the loop
-backend as its per-call fallback (torch.func>loop on torch >= 2).
+backend as its per-call fallback (torch.func>loop on torch >= 2); where only
+the loop qualifies on its own, a native backend ruled out before it by a
+default requirement is chained with it when the chain passes the required
+probes (functorch>loop on torch 1.12 and 1.13; ``adbackends._auto_chain``).
 
 This module also decides which backend serves ``fjacrev``/``fvmap`` (the best
 one with native composable transforms, :func:`native_backend`) and which
