@@ -12,7 +12,8 @@ own differential tests). :func:`judge` says what one case shows:
     both raise the same exception type;
 ``"refused"``
     functorch raises and its backend's ``cannot_transform`` recognises the
-    error, so a chain ``functorch>loop`` runs the call on the loop instead;
+    error, so a chain ``functorch>loop`` runs the call on the loop instead
+    (which then returns or raises as the loop does);
 ``"silent"``
     functorch returns a result that differs from the loop's: a silent wrong
     result, what the guards in :mod:`adbackends.backends._functorch_guards`
@@ -90,9 +91,10 @@ def judge(call: Callable[[Any], Any], functorch: Any, loop: Any, **tol: Any) -> 
     if ok_ft and ok_loop:
         why = difference(actual, expected, **tol)
         return Verdict("same", "") if why is None else Verdict("silent", why)
+    if not ok_ft and functorch.cannot_transform(actual) is not None:
+        # Through a chain the loop decides, whatever it gives.
+        return Verdict("refused", f"{type(actual).__name__}: {actual}")
     if ok_loop:
-        if functorch.cannot_transform(actual) is not None:
-            return Verdict("refused", f"{type(actual).__name__}: {actual}")
         return Verdict("error", f"functorch raised {type(actual).__name__}: {actual}")
     if ok_ft:
         return Verdict("error", f"functorch returned where the loop raised {expected!r}")
@@ -283,6 +285,14 @@ _add(
 _add("vmap out_dims=None", lambda b: b.vmap(lambda x: Y * 3, out_dims=None)(XB))
 _add("vmap unbatched output", lambda b: b.vmap(lambda x: Y * 3)(XB))
 _add("vmap unbatched output out_dims=1", lambda b: b.vmap(lambda x: Y * 3, out_dims=1)(XB))
+_add(
+    "vmap unbatched 0-dim output out_dims=-1",
+    lambda b: b.vmap(lambda x: Y.sum() * 3, out_dims=-1)(XB),
+)
+_add(
+    "vmap one unbatched output of two out_dims=-1",
+    lambda b: b.vmap(lambda x, y: (x * y, Y.sum() + y.sum() * 0), (0, None), -1)(XB, Y),
+)
 _add(
     "vmap pytree output",
     lambda b: b.vmap(lambda x, y: {"a": x * y, "b": [x.sum(), Pair(y, x)]})(XB, YB),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
@@ -86,10 +86,6 @@ SHARED: Dict[str, Tuple[str, str]] = {
         "error",
         "functorch and torch.func raise RuntimeError (an integer tensor cannot require "
         "grad), the loop raises jvp's ValueError",
-    ),
-    "vmap unbatched output out_dims=1": (
-        "error",
-        "functorch and torch.func cannot expand an unbatched output to out_dims != 0",
     ),
     "vmap in-place on unbatched": (
         "error",
@@ -251,6 +247,70 @@ def test_family(backends, data):
     assert verdict.kind in ("same", "both raise", "refused"), verdict
 
 
+@survey_settings
+@given(data=st.data())
+def test_vmap_family(backends, data):
+    """vmap over drawn in_dims/out_dims (None, negative), batch sizes from 0,
+    chunk_size, outer maps, and vmap of a transform of the family."""
+    functorch, loop = backends
+    n_args = data.draw(st.integers(1, 3), label="n_args")
+    arg_shapes = data.draw(st.lists(shapes, min_size=n_args, max_size=n_args), label="shapes")
+    batch = data.draw(st.integers(0, 3), label="batch")
+    structure = data.draw(structures(exprs(n_args)), label="outputs")
+    requires_grad = data.draw(st.booleans(), label="requires_grad")
+    chunk_size = data.draw(st.sampled_from([None, 1, 2]), label="chunk_size")
+    inner = data.draw(st.sampled_from(["none", "jacrev", "grad", "vjp", "hessian"]), label="inner")
+    outer = data.draw(st.booleans(), label="outer vmap")
+    mode = data.draw(st.sampled_from(["plain", "no_grad"]), label="grad mode")
+    args: List[Any] = []
+    dims: List[Any] = []
+    for i, shape in enumerate(arg_shapes):
+        ndim = len(shape) + 1
+        dim = None if data.draw(st.integers(0, 3)) == 0 else data.draw(st.integers(-ndim, ndim - 1))
+        full = list(shape)
+        if dim is not None:
+            full.insert(dim % ndim, batch)
+        args.append(_tensor(tuple(full), i, requires_grad))
+        dims.append(dim)
+    out_dims = data.draw(st.sampled_from([0, -1, 1]), label="out_dims") if inner == "none" else 0
+
+    def per_sample(*xs: Any) -> Any:
+        return _build(structure, xs)
+
+    def scalar(*xs: Any) -> Any:
+        return sum(t.sum() for t in torch.utils._pytree.tree_flatten(_build(structure, xs))[0])
+
+    def run(b: Any) -> Any:
+        if inner == "none":
+            f: Callable[..., Any] = per_sample
+        elif inner == "jacrev":
+            f = b.jacrev(lambda *xs: per_sample(*xs), 0)
+        elif inner == "grad":
+            f = b.grad(scalar, 0)
+        elif inner == "hessian":
+            f = b.hessian(scalar, 0)
+        else:
+
+            def f(*xs: Any) -> Any:
+                out, fn = b.vjp(scalar, *xs)
+                return fn(torch.ones_like(out))
+
+        mapped = b.vmap(f, tuple(dims), out_dims, chunk_size=chunk_size)
+        with torch.no_grad() if mode == "no_grad" else _nothing():
+            if outer:
+                outer_args = [
+                    a if d is None else torch.stack([a, 0.5 * a]) for a, d in zip(args, dims)
+                ]
+                outer_dims = tuple(None if d is None else 0 for d in dims)
+                return b.vmap(mapped, outer_dims)(*outer_args)
+            return mapped(*args)
+
+    # The shared differences (SHARED): no requires_grad comparison for Hessians.
+    tol: Dict[str, Any] = {"requires_grad": inner != "hessian"}
+    verdict = survey.judge(run, functorch, loop, **tol)
+    assert verdict.kind in ("same", "both raise", "refused"), verdict
+
+
 class _nothing:
     def __enter__(self) -> None:
         return None
@@ -394,6 +454,39 @@ def test_zero_size_batch_is_refused_and_the_chain_maps_it(backends, call):
         got = call(adbackends.get("functorch>loop"))
     assert survey.difference(got, expected) is None
     adbackends.forget_fallbacks()
+
+
+@pytest.mark.parametrize(
+    "f, out_dims",
+    [
+        (lambda x: survey.Y.sum() * 3, -1),  # a 0-dim output: old functorch crashes
+        (lambda x: survey.Y * 3, 1),
+        (lambda x: (x * 2, survey.Y * 3), (0, 1)),
+        (lambda x: (x * 2, survey.Y * 3), -1),
+    ],
+    ids=["0-dim at -1", "at 1", "one of two at 1", "both at -1"],
+)
+def test_unbatched_output_at_nonzero_out_dims_is_refused(backends, f, out_dims):
+    functorch, loop = backends
+    xs = torch.ones(4, 3, dtype=torch.float64)
+    with pytest.raises(adbackends.CapabilityError, match="does not depend on the batch") as got:
+        functorch.vmap(f, out_dims=out_dims)(xs)
+    assert functorch.cannot_transform(got.value) is not None
+    expected = loop.vmap(f, out_dims=out_dims)(xs)
+    with pytest.warns(adbackends.FallbackWarning, match="does not depend on the batch"):
+        result = adbackends.get("functorch>loop").vmap(f, out_dims=out_dims)(xs)
+    assert survey.difference(result, expected) is None
+    adbackends.forget_fallbacks()
+    # Batched outputs at any out_dims stay native, and nested maps too.
+    assert (
+        survey.difference(
+            functorch.vmap(lambda x: x * 2, out_dims=-1)(xs),
+            loop.vmap(lambda x: x * 2, out_dims=-1)(xs),
+        )
+        is None
+    )
+    nested = functorch.vmap(functorch.vmap(lambda x: x.sin(), out_dims=1))(xs[None].expand(2, 4, 3))
+    assert nested.shape == (2, 3, 4)
 
 
 @pytest.mark.parametrize("out_dims", [None, (0, None)])

@@ -35,6 +35,11 @@ functorch's internal "Could not allocate memory to change Tensor SizesAndStrides
     the loop computes: refused (:func:`internal_failure`); so is "Cannot access
     data pointer of Tensor that doesn't have storage", from a function that
     reads ``data_ptr()`` of its inputs.
+``vmap`` of an output that does not depend on the batch, at ``out_dims`` other than 0
+    every functorch (torch.func too) fails to expand it or gives a wrong
+    shape, and before torch 2.0 a 0-dim such output crashes the process
+    (segmentation fault). Refused from inside the call, where functorch
+    tells which level each output is batched at (:func:`batched_outputs`).
 ``vmap(out_dims=None)`` (or ``None`` inside ``out_dims``)
     functorch before torch 2.0 does not have it and raises ``ValueError`` at
     the call. Refused when the transform is built (:func:`refuses_none_out_dims`).
@@ -63,7 +68,9 @@ __all__ = [
     "real_outputs",
     "guard_floating",
     "guard_real",
+    "batched_outputs",
     "has_none",
+    "moves_unbatched_outputs",
     "vmap_failure",
 ]
 
@@ -290,5 +297,75 @@ def guard_floating(argnums: Any, transformed: Callable[..., Any]) -> Callable[..
             chosen = ()
         check_floating("primal", chosen)
         return transformed(*args, **kwargs)
+
+    return checked
+
+
+def _level_functions() -> Optional[Tuple[Callable[[Any], int], Callable[[], int]]]:
+    """functorch's ``(maybe_get_level, current_level)``, wherever this torch keeps them."""
+    import importlib
+
+    functions: Any = None
+    for where in ("torch._C._functorch", "functorch._C"):  # torch >= 1.13, functorch 0.2
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                functions = importlib.import_module(where)
+            break
+        except ImportError:
+            continue
+    if functions is None:
+        return None
+    get = getattr(functions, "maybe_get_level", None)
+    current = getattr(functions, "current_level", None)
+    if get is None or current is None:
+        return None
+    return get, current
+
+
+def moves_unbatched_outputs(out_dims: Any) -> bool:
+    """Whether ``out_dims`` asks to place some output at a dim other than 0."""
+    if isinstance(out_dims, int):
+        return out_dims != 0
+    if isinstance(out_dims, (tuple, list)):
+        return any(moves_unbatched_outputs(d) for d in out_dims)
+    if isinstance(out_dims, dict):
+        return any(moves_unbatched_outputs(d) for d in out_dims.values())
+    return False
+
+
+def batched_outputs(
+    func: Callable[..., Any], out_dims: Any, refuse: Callable[[str], BaseException]
+) -> Callable[..., Any]:
+    """``func``, refusing an output that does not depend on the batch at an out_dim other than 0.
+
+    functorch (every copy, torch.func too) mis-handles such an output: it fails
+    to expand it, returns a tensor of the wrong shape, or, before torch 2.0,
+    crashes the process (a 0-dim output at ``out_dims=1``). The loop backend
+    expands it as it should, so the call is refused, for a chain to run it
+    there. Where this torch does not say which level a tensor is batched at,
+    ``func`` is returned as it is.
+    """
+    levels = _level_functions()
+    if levels is None:
+        return func
+    get_level, current_level = levels
+
+    @functools.wraps(func)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        result = func(*args, **kwargs)
+        from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten
+
+        leaves, spec = tree_flatten(result)
+        dims = _broadcast_to_and_flatten(out_dims, spec)
+        if dims is None:  # functorch reports the mismatch itself
+            return result
+        level = current_level()
+        for leaf, dim in zip(leaves, dims):
+            if dim is None or dim == 0 or getattr(leaf, "dim", None) is None:
+                continue
+            if get_level(leaf) != level:
+                raise refuse(f"place an output that does not depend on the batch at out_dims={dim}")
+        return result
 
     return checked

@@ -194,6 +194,9 @@ class FunctorchBackend(Backend):
                 f"functorch {self.version} has no vmap(out_dims=None) (it raises ValueError); "
                 "the loop backend has it",
             )
+        if _guards.moves_unbatched_outputs(out_dims):
+            refuse = self._zero_batch_refusal("vmap_unbatched_out_dims")
+            func = _guards.batched_outputs(func, out_dims, refuse)
         failure = self._vmap_failure(func, in_dims)
         if randomness != "error":
             self._require(self._vmap_params, "vmap", "randomness", "randomness")
@@ -383,21 +386,23 @@ class FunctorchBackend(Backend):
         """A refusal ``cannot_transform`` recognises: a chain runs the call on its fallback."""
         return CapabilityError(self.name, capability, reason)
 
+    def _zero_batch_refusal(self, capability: str) -> Callable[[str], BaseException]:
+        def refuse(what: str) -> BaseException:
+            return self._refusal(
+                capability,
+                f"functorch {self.version} cannot {what} (it fails inside, or gives a wrong "
+                "shape); the loop backend can",
+            )
+
+        return refuse
+
     def _vmap_failure(
         self, func: Callable[..., Any], in_dims: Any
     ) -> Callable[[BaseException, Tuple[Any, ...]], Optional[BaseException]]:
+        refuse = self._zero_batch_refusal("vmap_zero_batch")
+
         def failure(exc: BaseException, args: Tuple[Any, ...]) -> Optional[BaseException]:
-            return _guards.vmap_failure(
-                exc,
-                func,
-                in_dims,
-                args,
-                lambda what: self._refusal(
-                    "vmap_zero_batch",
-                    f"functorch {self.version} cannot {what} (it fails inside); "
-                    "the loop backend maps over it",
-                ),
-            )
+            return _guards.vmap_failure(exc, func, in_dims, args, refuse)
 
         return failure
 

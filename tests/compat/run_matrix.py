@@ -455,6 +455,14 @@ OLD_FUNCTORCH = (
     ),
     (
         "1.12, 1.13 (and torch.func on 2.x)",
+        "``vmap`` of an output that does not depend on the batch, at ``out_dims`` other than 0",
+        "a failed expand, a wrong shape, or (a 0-dim output, before torch 2.0) a crash "
+        "of the process",
+        "the output expanded along the batch at that dim",
+        "refused from inside the call: a chain runs it on the loop",
+    ),
+    (
+        "1.12, 1.13 (and torch.func on 2.x)",
         "``vmap`` over a batch of size 0 (most functions)",
         "``IndexError`` (or an assertion) from inside",
         "outputs with a batch of size 0",
@@ -493,8 +501,9 @@ def _old_functorch_section() -> List[str]:
         "Hypothesis profile; ``ADBACKENDS_HYPOTHESIS_PROFILE=large`` for the deep",
         "run). ``jacrev`` and ``vmap`` are also drawn by ``tests/test_loop_hypothesis.py``,",
         "whose reference before torch 2.0 is the functorch backend. Every difference",
-        "it found, and what the functorch backend does about it (the first four were",
-        "wrong results that raised nothing):",
+        "it found, and what the functorch backend does about it (the first four, and",
+        "the wrong shapes of outputs that do not depend on the batch, were wrong",
+        "results that raised nothing):",
         "",
     ]
     lines += _list_table(
@@ -511,9 +520,8 @@ def _old_functorch_section() -> List[str]:
         "grad mode) where the loop's two reverse passes stop at it; a float32 0-dim",
         "tensor times a Python number gets a float64 tangent; which forward-mode and",
         "Hessian results require grad; the exception type for the Hessian of an",
-        "integer input; and ``vmap`` of an unbatched output to ``out_dims`` other than",
-        "0, or of an in-place write into an unbatched tensor, which torch.func cannot",
-        "do and the loop can.",
+        "integer input; and ``vmap`` of an in-place write into an unbatched tensor,",
+        "which torch.func cannot do and the loop can.",
         "",
     ]
     return lines
