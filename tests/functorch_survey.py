@@ -428,6 +428,21 @@ _E = torch.ones(0, 3, dtype=torch.float64)
 _add("vmap zero batch", lambda b: b.vmap(_vector)(_E, _E))
 _add("vmap zero batch in_dims None", lambda b: b.vmap(_vector, (0, None))(_E, Y))
 _add("vmap zero batch out_dims=1", lambda b: b.vmap(_vector, out_dims=1)(_E, _E))
+_add(
+    "vmap zero batch of an input that requires grad",
+    lambda b: b.vmap(lambda v: v)(torch.ones(0, dtype=torch.float64, requires_grad=True)),
+)
+_add(
+    "vmap identity under no_grad",
+    _under(torch.no_grad, lambda b: b.vmap(lambda v: v)(_t(2, 3, rg=True))),
+)
+_add(
+    "vmap(jacrev) of an output without the input under no_grad",
+    _under(
+        torch.no_grad,
+        lambda b: b.vmap(b.jacrev(lambda x, y: y, 0), (None, 0))(_t(rg=True), _t(1, rg=True)),
+    ),
+)
 _add("vmap zero batch chunk_size", lambda b: b.vmap(_vector, chunk_size=2)(_E, _E))
 _add("vmap(jacrev) zero batch", lambda b: b.vmap(b.jacrev(_vector))(_E, _E))
 _add("vmap(grad) zero batch", lambda b: b.vmap(b.grad(_scalar))(_E, _E))

@@ -519,9 +519,13 @@ def _old_functorch_section() -> List[str]:
         "block inside the function is differentiated through (forward-mode AD ignores",
         "grad mode) where the loop's two reverse passes stop at it; a float32 0-dim",
         "tensor times a Python number gets a float64 tangent; which forward-mode and",
-        "Hessian results require grad; the exception type for the Hessian of an",
-        "integer input; and ``vmap`` of an in-place write into an unbatched tensor,",
-        "which torch.func cannot do and the loop can.",
+        "Hessian results, results over a batch of size 0 and ``vmap`` of the",
+        "identity under ``no_grad`` (functorch returns the input itself) require grad; the",
+        "exception type for the Hessian of an",
+        "integer input; under an outer ``no_grad``, ``vmap(jacrev)`` of an output that",
+        "does not depend on the differentiated input (torch.func gives zeros, the loop",
+        "raises); and ``vmap`` of an in-place write into an unbatched tensor, which",
+        "torch.func cannot do and the loop can.",
         "",
     ]
     return lines
