@@ -21,7 +21,10 @@ A *chain* ``native>fallback`` (``use("torch.func", fallback="loop")``,
 when that backend cannot transform the function, on the fallback
 (:mod:`adbackends.fallback`). Automatic selection makes one: when the first
 qualified backend has native transforms, auto is that backend with the loop
-backend as its per-call fallback (torch.func>loop on torch >= 2).
+backend as its per-call fallback (torch.func>loop on torch >= 2); where only
+the loop qualifies on its own, a native backend ruled out before it by a
+default requirement is chained with it when the chain passes the required
+probes (functorch>loop on torch 1.12 and 1.13; :func:`_native_with_loop`).
 
 This module also decides which backend serves ``fjacrev``/``fvmap`` (the best
 one with native composable transforms, :func:`native_backend`) and which
@@ -578,17 +581,62 @@ def _with_loop_fallback(choice: Choice) -> Choice:
     """Auto's choice, given the loop backend as per-call fallback where that helps.
 
     A backend with native transforms cannot transform every function; the
-    loop backend can. Where the loop backend itself was chosen (torch 1.12
-    and 1.13, whose functorch refuses autograd Functions) nothing changes.
+    loop backend can. Where the loop backend itself was chosen, a native
+    backend ruled out before it is chained with it where that chain passes
+    the required probes (:func:`_native_with_loop`: functorch>loop on torch
+    1.12 and 1.13, whose functorch refuses autograd Functions on its own).
     """
     native = choice.backend
-    if native.name == "loop" or not native.supports("transforms"):
+    if native.name == "loop":
+        return _native_with_loop(choice)
+    if not native.supports("transforms"):
         return choice
     if REGISTRY.failure("loop") is not None:
         return choice
     chain = _chain((native.name, "loop"))
     reason = f"{choice.reason}, with loop as per-call fallback"
     return choice._replace(backend=chain, reason=reason)
+
+
+def _native_with_loop(choice: Choice) -> Choice:
+    """Where the loop was chosen: a ruled-out native backend chained with it, if that qualifies.
+
+    Automatic selection's second rule. The first (:func:`_first_qualified`)
+    picks the first backend of :data:`AUTO_ORDER` that passes the required
+    probes on its own; on torch 1.12 and 1.13 that is the loop backend,
+    because functorch refuses every ``autograd.Function`` and so fails the
+    default requirement ``custom_function``. Where the loop was picked that
+    way, the backends ruled out before it are looked at again: the first one
+    that loads, has native composable transforms (the ``transforms`` probe),
+    fails only default requirements (:data:`DEFAULT_REQUIRED`) and whose
+    chain ``name>loop`` passes every required probe becomes the choice, as
+    that chain. Probes decide, never a version number: on torch 1.12 and
+    1.13 this gives ``functorch>loop``. A requirement added by code
+    (``require("legacy_function")``: ctx-style Functions throughout, where a
+    chain would fall back on every call) keeps the loop, on every torch.
+    """
+    required = _state.required
+    for position, (name, why) in enumerate(choice.rejected):
+        if REGISTRY.failure(name) is not None:
+            continue
+        backend = REGISTRY.get(name)
+        if not backend.supports("transforms"):
+            continue
+        if any(cap not in DEFAULT_REQUIRED and not backend.supports(cap) for cap in required):
+            continue
+        candidate = _chain((name, "loop"))
+        if not all(candidate.supports(cap) for cap in required):
+            continue
+        passes = f"; {name}>loop passes {', '.join(required)}" if required else ""
+        order = ", ".join(AUTO_ORDER)
+        reason = (
+            f"first in priority order ({order}) that qualifies: {name} has native transforms "
+            f"but {why}{passes}, so {name} runs each call it can and the loop backend the rest"
+        )
+        return choice._replace(
+            backend=candidate, reason=reason, rejected=tuple(choice.rejected[:position])
+        )
+    return choice
 
 
 # -- native transforms and hints -----------------------------------------------------

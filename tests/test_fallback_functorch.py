@@ -1,4 +1,4 @@
-"""``functorch>loop``: the fast option where auto runs the loop (torch 1.12 / 1.13).
+"""``functorch>loop``: what auto is on torch 1.12 and 1.13, chosen here by name.
 
 These run wherever functorch loads, so on torch 1.12 and 1.13 too, where
 functorch refuses every autograd.Function and the same vmap limits as

@@ -89,6 +89,11 @@ TORCH_FUNC_ERRORS = {
         "chunk_size float": (TypeError, ""),
     },
     "vmap": {
+        # functorch before torch 2.0 has no out_dims=None (its backend refuses it).
+        "batched output with out_dim None": (
+            ValueError,
+            "vmap(_f, ...): `_f` can not return a BatchedTensor when out_dim is None",
+        ),
         "chunk_size zero": (ValueError, "vmap: chunk_size should be None or greater than 0."),
         "chunk_size float": (TypeError, ""),
     },

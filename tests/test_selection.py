@@ -46,15 +46,85 @@ def run_python(code: str, env_value=None) -> subprocess.CompletedProcess:
 # -- in process -----------------------------------------------------------------
 
 
-def test_auto_is_the_first_backend_passing_custom_function():
+def _auto_rule() -> str:
+    """The automatic choice, worked out from the probes as the rule says."""
+    # 1. The first backend that passes custom_function alone; with native
+    #    transforms it keeps the loop backend as per-call fallback.
     expected = next(n for n in LOADABLE if REGISTRY.get(n).supports("custom_function"))
+    if expected != "loop":
+        return f"{expected}>loop" if REGISTRY.get(expected).supports("transforms") else expected
+    # 2. Where that is the loop: the first backend before it with native
+    #    transforms whose chain with the loop passes custom_function.
+    for name in LOADABLE[: LOADABLE.index("loop")]:
+        if REGISTRY.get(name).supports("transforms"):
+            if adbackends.get(f"{name}>loop").supports("custom_function"):
+                return f"{name}>loop"
+    return "loop"
+
+
+def test_auto_is_the_first_backend_passing_custom_function():
+    expected = _auto_rule()
     choice = adbackends.explain()
-    # With native transforms, auto keeps the loop backend as per-call fallback.
-    native = REGISTRY.get(expected).supports("transforms") and expected != "loop"
-    assert choice.backend.name == (f"{expected}>loop" if native else expected)
+    assert choice.backend.name == expected
     assert choice.source == "auto"
     ruled_out = [name for name, _ in choice.rejected]
-    assert ruled_out == [n for n in selection.AUTO_ORDER[: selection.AUTO_ORDER.index(expected)]]
+    first = expected.split(">")[0]
+    assert ruled_out == [n for n in selection.AUTO_ORDER[: selection.AUTO_ORDER.index(first)]]
+
+
+def test_auto_chains_a_native_backend_that_fails_alone(monkeypatch):
+    """The second rule, wherever this runs: a native backend failing custom_function
+    alone is chosen with the loop where the chain passes, and not where it fails."""
+    from adbackends.backend import Backend
+
+    if not any(n != "loop" and REGISTRY.get(n).supports("transforms") for n in LOADABLE):
+        pytest.skip("no backend with native transforms loads here")
+    natives = [n for n in LOADABLE if n != "loop"]
+    native = natives[0]
+    real = Backend.supports
+
+    def supports(self, capability):
+        # Every native backend fails custom_function alone (as on torch 1.12/1.13).
+        if self.name in natives and capability == "custom_function":
+            from adbackends.probes import Support
+
+            return Support(capability, False, "refuses autograd.Function (pretended)")
+        return real(self, capability)
+
+    monkeypatch.setattr(Backend, "supports", supports)
+    selection._reset()
+    choice = selection._auto()
+    assert choice.backend.name == f"{native}>loop"
+    assert "passes custom_function" in choice.reason and "pretended" in choice.reason
+    assert [n for n, _ in choice.rejected] == list(
+        selection.AUTO_ORDER[: selection.AUTO_ORDER.index(native)]
+    )
+
+    # A chain that fails a required probe is not chosen: the loop is.
+    from adbackends.fallback import ChainBackend
+
+    def chain_supports(self, capability):
+        if isinstance(self, ChainBackend) and capability == "custom_function":
+            from adbackends.probes import Support
+
+            return Support(capability, False, "pretended")
+        return supports(self, capability)
+
+    monkeypatch.setattr(Backend, "supports", chain_supports)
+    selection._reset()
+    assert selection._auto().backend.name == "loop"
+
+
+def test_auto_keeps_the_loop_where_code_requires_what_natives_lack():
+    """require("legacy_function") says ctx-style Functions are everywhere: no chain."""
+    adbackends.require("legacy_function")
+    natives_lack = all(
+        not REGISTRY.get(n).supports("legacy_function") for n in LOADABLE if n != "loop"
+    )
+    choice = adbackends.explain()
+    if natives_lack:
+        assert choice.backend.name == "loop"
+        assert [n for n, _ in choice.rejected] == [n for n in selection.AUTO_ORDER if n != "loop"]
 
 
 def test_use_beats_env_and_auto(monkeypatch):
@@ -191,8 +261,10 @@ def test_env_preference_list_takes_first_qualified(monkeypatch):
     monkeypatch.setenv(selection.ENV_VAR, ",".join(selection.AUTO_ORDER))
     choice = adbackends.explain()
     assert choice.source == "env"
-    # A list names backends, strictly: no fallback unless written as a chain.
-    assert choice.backend.name == _auto_name().split(">")[0]
+    # A list names backends, strictly: no fallback unless written as a chain,
+    # so the first that passes custom_function on its own.
+    first = next(n for n in LOADABLE if REGISTRY.get(n).supports("custom_function"))
+    assert choice.backend.name == first
 
 
 def test_env_preference_list_skips_failing_candidates(monkeypatch):

@@ -80,6 +80,20 @@ _KNOWN: Tuple[Tuple[str, str, str], ...] = (
         "autograd_function",
         "use torch >= 2.0, whose torch.func transforms setup_context-style Functions",
     ),
+    (
+        # a function that reads data_ptr() (a cache keyed on tensor identity,
+        # as dxtb's calculators keep): a transform's wrapped tensors have no storage
+        "Cannot access data pointer of Tensor that doesn't have storage",
+        "data_pointer",
+        "do not read data_ptr() or the storage of tensors inside the transformed function "
+        "(turn off caches keyed on tensor identity)",
+    ),
+    (
+        # functorch before torch 2.0, forward mode over some 0-dim tensors
+        "Could not allocate memory to change Tensor SizesAndStrides",
+        "internal_failure",
+        "nothing in the function: functorch fails inside; the loop backend computes it",
+    ),
 )
 
 

@@ -43,6 +43,7 @@ from .. import _memory
 from .._shared import NOTICES, ArgNums, external_stacklevel, normalize_argnums
 from ..backend import Backend, Refusal
 from ..errors import CapabilityError
+from . import _functorch_guards as _guards
 from . import _hessian
 from ._functorch_chunks import check_chunk_size, chunked_jacrev, chunked_vmap
 from ._native_refusals import function_capability, refusal_of, refuse
@@ -107,6 +108,11 @@ class FunctorchBackend(Backend):
                 if native is not None:
                     self._family[api] = native
         self._family_params = {api: _parameters(fn) for api, fn in self._family.items()}
+        # What this copy gets wrong, found out by trying (_functorch_guards).
+        quirks = _guards.Quirks(self._jacrev, self._vmap, self._family.get("jvp"))
+        self._complex_guard = quirks.takes_complex()
+        self._integer_guard = quirks.takes_integers()
+        self._none_out_dims_guard = quirks.refuses_none_out_dims()
 
     @property
     def version(self) -> str:
@@ -135,6 +141,7 @@ class FunctorchBackend(Backend):
         if self._deprecated:
             _warn_once()
         kwargs: Dict[str, Any] = {"has_aux": has_aux}
+        func = self._real("jacrev", func, has_aux)
         if _preallocate_and_copy:
             self._require(self._jacrev_params, "jacrev", "_preallocate_and_copy", "chunk_size")
             kwargs["_preallocate_and_copy"] = True
@@ -142,7 +149,10 @@ class FunctorchBackend(Backend):
             if not self._knows(self._jacrev_params, "chunk_size"):
                 check_chunk_size(chunk_size, "jacrev: `chunk_size` should be greater than 0.")
                 return self._refusing(
-                    chunked_jacrev(self._vjp, self._vmap, func, argnums, has_aux, chunk_size)
+                    self._real_inputs(
+                        "jacrev",
+                        chunked_jacrev(self._vjp, self._vmap, func, argnums, has_aux, chunk_size),
+                    )
                 )
             kwargs["chunk_size"] = chunk_size
         if _negative(argnums):
@@ -156,8 +166,8 @@ class FunctorchBackend(Backend):
                 nums = positions if isinstance(argnums, tuple) else positions[0]
                 return native(func, nums, **kwargs)(*args)
 
-            return self._refusing(jacobian)
-        return self._refusing(self._jacrev(func, argnums, **kwargs))
+            return self._refusing(self._real_inputs("jacrev", jacobian))
+        return self._refusing(self._real_inputs("jacrev", self._jacrev(func, argnums, **kwargs)))
 
     def vmap(
         self,
@@ -175,6 +185,16 @@ class FunctorchBackend(Backend):
         if self._deprecated:
             _warn_once()
         kwargs: Dict[str, Any] = {}
+        if self._none_out_dims_guard and _guards.has_none(out_dims):
+            raise self._refusal(
+                "vmap_out_dims_none",
+                f"functorch {self.version} has no vmap(out_dims=None) (it raises ValueError); "
+                "the loop backend has it",
+            )
+        if _guards.moves_unbatched_outputs(out_dims):
+            refuse = self._zero_batch_refusal("vmap_unbatched_out_dims")
+            func = _guards.batched_outputs(func, out_dims, refuse)
+        failure = self._vmap_failure(func, in_dims)
         if randomness != "error":
             self._require(self._vmap_params, "vmap", "randomness", "randomness")
         if self._knows(self._vmap_params, "randomness"):
@@ -187,10 +207,10 @@ class FunctorchBackend(Backend):
                 )
                 vmap = functools.partial(self._vmap, **kwargs)
                 return self._refusing(
-                    chunked_vmap(vmap, func, in_dims, out_dims, randomness, chunk_size)
+                    chunked_vmap(vmap, func, in_dims, out_dims, randomness, chunk_size), failure
                 )
             kwargs["chunk_size"] = chunk_size
-        return self._refusing(self._vmap(func, in_dims, out_dims, **kwargs))
+        return self._refusing(self._vmap(func, in_dims, out_dims, **kwargs), failure)
 
     def grad(
         self, func: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
@@ -222,6 +242,9 @@ class FunctorchBackend(Backend):
         kwargs = {"strict": True} if strict else {}
         if has_aux:
             kwargs["has_aux"] = True
+        if self._integer_guard:  # functorch 0.2.1 computes with integer tensors
+            _guards.check_floating("primal", primals)
+            _guards.check_floating("tangent", tangents)
         return self._refusing(native)(func, primals, tangents, **kwargs)
 
     def jacfwd(
@@ -238,15 +261,19 @@ class FunctorchBackend(Backend):
             self._require(self._family_params["jacfwd"], "jacfwd", "randomness", "randomness")
         if self._knows(self._family_params["jacfwd"], "randomness"):
             kwargs["randomness"] = randomness
-        return self._refusing(_counted(lambda f, n: native(f, n, **kwargs), func, argnums))
+        func = self._real("jacfwd", func, has_aux)
+        built = _counted(lambda f, n: native(f, n, **kwargs), func, argnums)
+        if self._integer_guard:
+            built = _guards.guard_floating(argnums, built)
+        return self._refusing(self._real_inputs("jacfwd", built))
 
     def hessian(self, func: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
         forward = self._api("hessian")
         jacrev = self._jacrev
         name = self.name
-        return self._refusing(
-            _counted(lambda f, n: _hessian.build(name, jacrev, forward, f, n), func, argnums)
-        )
+        func = self._real("jacfwd", func)
+        built = _counted(lambda f, n: _hessian.build(name, jacrev, forward, f, n), func, argnums)
+        return self._refusing(self._real_inputs("jacfwd", built))
 
     def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
         native = self._api("linearize")
@@ -267,8 +294,8 @@ class FunctorchBackend(Backend):
         return native
 
     def cannot_transform(self, exc: BaseException) -> Optional[Refusal]:
-        # This backend's own errors carry their refusal (see _lacking and
-        # _refusing); functorch's are read once, by refusal_of.
+        # This backend's own errors carry their refusal (see _lacking, _refusal
+        # and _refusing); functorch's are read once, by refusal_of.
         return refusal_of(exc)
 
     # -- gaps -----------------------------------------------------------------
@@ -296,8 +323,18 @@ class FunctorchBackend(Backend):
         refuse(error, Refusal(capability, reason, "use a backend that has it"))
         return error
 
-    def _refusing(self, transformed: Callable[..., Any]) -> Callable[..., Any]:
-        """Turn functorch's refusal of an autograd.Function into a CapabilityError."""
+    def _refusing(
+        self,
+        transformed: Callable[..., Any],
+        failure: Optional[
+            Callable[[BaseException, Tuple[Any, ...]], Optional[BaseException]]
+        ] = None,
+    ) -> Callable[..., Any]:
+        """Turn functorch's refusal of an autograd.Function into a CapabilityError.
+
+        ``failure(exc, args)``, where given, may replace any other error of
+        the call (see :func:`_functorch_guards.vmap_failure`).
+        """
         backend = self
 
         @functools.wraps(transformed)
@@ -306,15 +343,62 @@ class FunctorchBackend(Backend):
                 return transformed(*args, **kwargs)
             except CapabilityError:
                 raise
-            except RuntimeError as exc:
-                refusal = refusal_of(exc)
+            except Exception as exc:
+                refusal = refusal_of(exc) if isinstance(exc, RuntimeError) else None
                 capability = function_capability(refusal)
-                if capability is None:
+                if capability is not None:
+                    error = backend._function_error(capability, exc)
+                    raise refuse(error, refusal) from exc
+                other = failure(exc, args) if failure is not None else None
+                if other is None:
                     raise
-                error = backend._function_error(capability, exc)
-                raise refuse(error, refusal) from exc
+                raise other from exc
 
         return call
+
+    # -- guards (adbackends.backends._functorch_guards) ----------------------------
+
+    def _real(
+        self, api: str, func: Callable[..., Any], has_aux: bool = False
+    ) -> Callable[..., Any]:
+        """``func``, raising torch.func's error for a complex output where this
+        functorch differentiates one silently."""
+        if not self._complex_guard:
+            return func
+        return _guards.real_outputs(api, func, has_aux)
+
+    def _real_inputs(self, api: str, built: Callable[..., Any]) -> Callable[..., Any]:
+        """``built``, raising torch.func's error for a complex input where this
+        functorch differentiates one silently."""
+        if not self._complex_guard:
+            return built
+        return functools.wraps(built)(_guards.guard_real(api, built))
+
+    def _refusal(self, capability: str, reason: str) -> CapabilityError:
+        """A refusal ``cannot_transform`` recognises: a chain runs the call on its fallback."""
+        error = CapabilityError(self.name, capability, reason)
+        refuse(error, Refusal(capability, reason, "use the loop backend, which computes it"))
+        return error
+
+    def _zero_batch_refusal(self, capability: str) -> Callable[[str], BaseException]:
+        def refuse(what: str) -> BaseException:
+            return self._refusal(
+                capability,
+                f"functorch {self.version} cannot {what} (it fails inside, or gives a wrong "
+                "shape); the loop backend can",
+            )
+
+        return refuse
+
+    def _vmap_failure(
+        self, func: Callable[..., Any], in_dims: Any
+    ) -> Callable[[BaseException, Tuple[Any, ...]], Optional[BaseException]]:
+        refuse = self._zero_batch_refusal("vmap_zero_batch")
+
+        def failure(exc: BaseException, args: Tuple[Any, ...]) -> Optional[BaseException]:
+            return _guards.vmap_failure(exc, func, in_dims, args, refuse)
+
+        return failure
 
     def _function_error(self, capability: str, exc: BaseException) -> CapabilityError:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -381,6 +381,7 @@ def render(results: Sequence[Dict[str, Any]]) -> str:
             rows.append(cells)
     lines += _list_table("", ["env", "backend", *CAPABILITIES], rows)
 
+    lines += _old_functorch_section()
     lines += ["Why a probe fails or a backend does not load", "-" * 44, ""]
     for r in results:
         notes = []
@@ -403,6 +404,131 @@ def render(results: Sequence[Dict[str, Any]]) -> str:
     if dates:
         lines += [f"Last run: {', '.join(dates)}.", ""]
     return "\n".join(lines)
+
+
+#: What old functorch gets wrong through the functorch backend, found by the
+#: survey (tests/functorch_survey.py, tests/test_functorch_survey.py) on
+#: torch 1.12.1 + functorch 0.2.1 and torch 1.13.1, and the guard for each:
+#: (torch, pattern, what functorch does, what is right, guard).
+OLD_FUNCTORCH = (
+    (
+        "1.12 (jacrev, jacfwd, hessian); 1.13 (jacfwd, hessian)",
+        "negative ``argnums`` (``-1``, ``(0, -1)``)",
+        "zeros, no error",
+        "the derivative for the argument counted from the end",
+        "rewritten: counted from the front once the arguments are known",
+    ),
+    (
+        "1.12, 1.13",
+        "``jacrev``/``jacfwd``/``hessian`` of a complex input",
+        "a Jacobian, no error (``jacrev``'s is the conjugate of ``jacfwd``'s)",
+        "``RuntimeError``: Expected all inputs to be real",
+        "checked first: torch.func's error",
+    ),
+    (
+        "1.12, 1.13",
+        "``jacrev``/``jacfwd`` of a complex output of real inputs",
+        "``jacrev``: the real part only, ``jacfwd``: a complex Jacobian; no error",
+        "``RuntimeError``: Expected all outputs to be real",
+        "checked: torch.func's error",
+    ),
+    (
+        "1.12",
+        "``jvp``/``jacfwd`` with an integer primal or tangent",
+        "a result, no error",
+        "``ValueError``: Expected primal (tangent) to be floating point or complex",
+        "checked first: torch.func's error",
+    ),
+    (
+        "1.12",
+        "``vmap`` with no batched input (``in_dims`` all ``None``)",
+        "``IndexError: list index out of range``",
+        "``ValueError``: Expected at least one Tensor to vmap over",
+        "translated: torch.func's error",
+    ),
+    (
+        "1.12, 1.13",
+        "``vmap(out_dims=None)``, or ``None`` inside ``out_dims``",
+        "``ValueError`` at the call",
+        "the output as it is, unbatched",
+        "refused when built: a chain runs it on the loop",
+    ),
+    (
+        "1.12, 1.13 (and torch.func on 2.x)",
+        "``vmap`` of an output that does not depend on the batch, at ``out_dims`` other than 0",
+        "a failed expand, a wrong shape, or (a 0-dim output, before torch 2.0) a crash "
+        "of the process",
+        "the output expanded along the batch at that dim",
+        "refused from inside the call: a chain runs it on the loop",
+    ),
+    (
+        "1.12, 1.13 (and torch.func on 2.x)",
+        "``vmap`` over a batch of size 0 (most functions)",
+        "``IndexError`` (or an assertion) from inside",
+        "outputs with a batch of size 0",
+        "refused: a chain runs it on the loop",
+    ),
+    (
+        "1.12, 1.13",
+        "forward mode over some 0-dim tensors",
+        "``RuntimeError``: Could not allocate memory to change Tensor SizesAndStrides",
+        "the derivative",
+        "refused: a chain runs it on the loop",
+    ),
+    (
+        "every functorch and torch.func",
+        "a function that reads ``data_ptr()`` (dxtb's result cache)",
+        "``RuntimeError``: Cannot access data pointer of Tensor that doesn't have storage",
+        "the derivative",
+        "refused: a chain runs it on the loop",
+    ),
+)
+
+
+def _old_functorch_section() -> List[str]:
+    lines = [
+        "Old functorch: what it gets wrong, and the guards",
+        "-" * 49,
+        "",
+        "On torch 1.12 and 1.13 ``auto`` is ``functorch>loop``. A survey runs every",
+        "transform of the family through the functorch backend against the loop",
+        "backend (values, shapes, dtype, ``requires_grad``, pytree structure,",
+        "exception or not) over ``argnums`` (negative, tuples), ``has_aux``,",
+        "``in_dims``/``out_dims``, ``chunk_size``, ``randomness``, nestings, closures",
+        "over tensors that require grad, ``no_grad``/``enable_grad``, integer and",
+        "complex inputs and zero-size batches: ``tests/functorch_survey.py`` (a table",
+        "of cases) and ``tests/test_functorch_survey.py`` (the cases and a",
+        "Hypothesis profile; ``ADBACKENDS_HYPOTHESIS_PROFILE=large`` for the deep",
+        "run). ``jacrev`` and ``vmap`` are also drawn by ``tests/test_loop_hypothesis.py``,",
+        "whose reference before torch 2.0 is the functorch backend. Every difference",
+        "it found, and what the functorch backend does about it (the first four, and",
+        "the wrong shapes of outputs that do not depend on the batch, were wrong",
+        "results that raised nothing):",
+        "",
+    ]
+    lines += _list_table(
+        "",
+        ["torch", "pattern", "old functorch", "right (torch.func, loop)", "guard"],
+        [list(row) for row in OLD_FUNCTORCH],
+    )
+    lines += [
+        "With the guards, the survey's deep profile (5,000 generated cases per torch)",
+        "and its table of cases find no silent difference on either torch. What",
+        "remains differs between the loop and torch.func on every torch, torch 2",
+        "included, and is not old functorch's: under ``jacfwd``/``jvp`` a ``no_grad``",
+        "block inside the function is differentiated through (forward-mode AD ignores",
+        "grad mode) where the loop's two reverse passes stop at it; a float32 0-dim",
+        "tensor times a Python number gets a float64 tangent; which forward-mode and",
+        "Hessian results, results over a batch of size 0 and ``vmap`` of the",
+        "identity under ``no_grad`` (functorch returns the input itself) require grad; the",
+        "exception type for the Hessian of an",
+        "integer input; under an outer ``no_grad``, ``vmap(jacrev)`` of an output that",
+        "does not depend on the differentiated input (torch.func gives zeros, the loop",
+        "raises); and ``vmap`` of an in-place write into an unbatched tensor, which",
+        "torch.func cannot do and the loop can.",
+        "",
+    ]
+    return lines
 
 
 # The probe's reason when the backend raised adbackends.CapabilityError: the
