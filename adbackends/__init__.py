@@ -29,6 +29,7 @@ from typing import Any, List
 
 from ._version import __version__
 from .backend import Backend
+from .compiled import Compilation, compilations
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -60,6 +61,7 @@ __all__ = [
     "BackendUnavailableError",
     "CapabilityError",
     "Choice",
+    "Compilation",
     "Fallback",
     "FallbackWarning",
     "PluginError",
@@ -67,6 +69,7 @@ __all__ = [
     "UnknownBackendError",
     "__version__",
     "available",
+    "compilations",
     "current",
     "explain",
     "fallbacks",

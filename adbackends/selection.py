@@ -165,7 +165,9 @@ def get(name: str) -> Backend:
     return _resolve(name, "get()")
 
 
-def use(name: Optional[str], *, fallback: Optional[str] = None) -> Optional[Backend]:
+def use(
+    name: Optional[str], *, fallback: Optional[str] = None, compile: bool = False
+) -> Optional[Backend]:
     """Choose the backend for the whole process; validated at once.
 
     Parameters
@@ -179,6 +181,10 @@ def use(name: Optional[str], *, fallback: Optional[str] = None) -> Optional[Back
         Run each call that ``name`` cannot transform on this backend instead
         (``use("torch.func", fallback="loop")`` is ``use("torch.func>loop")``).
         Without it, a single name is strict: errors are raised as they are.
+    compile : bool
+        Put the compiled tier in front: ``use("torch.func", fallback="loop",
+        compile=True)`` is ``use("torch.compile>torch.func>loop")`` (see
+        :mod:`adbackends.compiled`).
 
     Returns
     -------
@@ -200,6 +206,8 @@ def use(name: Optional[str], *, fallback: Optional[str] = None) -> Optional[Back
         log.debug("use(None): process-wide choice cleared")
         return None
     name = _with_fallback(_check_name(name, "use()"), fallback, "use()")
+    if compile:
+        name = _with_compile(name, "use()")
     backend = _backend_for(name, "use")  # validates before anything changes
     with _state.lock:
         _state.process = name
@@ -208,7 +216,7 @@ def use(name: Optional[str], *, fallback: Optional[str] = None) -> Optional[Back
 
 
 @contextlib.contextmanager
-def using(name: str, *, fallback: Optional[str] = None) -> Iterator[Backend]:
+def using(name: str, *, fallback: Optional[str] = None, compile: bool = False) -> Iterator[Backend]:
     """Use a backend inside a ``with`` block, for this thread or asyncio task only.
 
     Blocks nest, and leaving one restores exactly what was active before it;
@@ -223,6 +231,8 @@ def using(name: str, *, fallback: Optional[str] = None) -> Iterator[Backend]:
     ('loop', 'loop')
     """
     name = _with_fallback(_check_name(name, "using()"), fallback, "using()")
+    if compile:
+        name = _with_compile(name, "using()")
     backend = _backend_for(name, "using")
     token = _context.set(name)
     try:
@@ -375,9 +385,22 @@ def _with_fallback(name: str, fallback: Optional[str], source: str) -> str:
     return f"{name}>{fallback}"
 
 
+def _with_compile(name: str, source: str) -> str:
+    if name == AUTO:
+        raise ValueError(
+            f"{source}: compile=True needs the backend to compile named, such as "
+            "use('torch.func', fallback='loop', compile=True), not 'auto'"
+        )
+    return name if name.startswith("torch.compile>") else f"torch.compile>{name}"
+
+
 def _resolve(spec: str, source: str) -> Backend:
     """The backend a name or a chain ``a>b>c`` stands for."""
     if ">" not in spec:
+        if spec == "torch.compile":
+            from .compiled import head_only
+
+            raise head_only(spec, source)
         return REGISTRY.get(spec, source)
     names = tuple(part.strip() for part in spec.split(">"))
     if len(names) < 2 or not all(names) or AUTO in names or len(set(names)) != len(names):
@@ -395,6 +418,14 @@ def _chain(names: Tuple[str, ...], source: str = "") -> Backend:
         return cached
     from .fallback import ChainBackend
 
+    if "torch.compile" in names:
+        from .compiled import compiled_chain
+
+        chain = compiled_chain(names, source, _chain, REGISTRY.get)
+        with state.lock:
+            if state.stamp[0] == REGISTRY.generation:
+                state.chains[names] = chain
+        return chain
     backends = [REGISTRY.get(name, source) for name in names]
     chain = backends[-1]
     for native in reversed(backends[:-1]):
@@ -474,7 +505,7 @@ def _from_env(raw: str) -> Choice:
         else:
             for name in names:  # every name is checked before any is tried
                 for part in name.split(">"):
-                    if part.strip() != AUTO:
+                    if part.strip() not in (AUTO, "torch.compile"):
                         _known(part.strip(), ENV_VAR)
             choice = _first_qualified(names, "env", f"first usable backend in {source}")
         if state.stamp[0] == REGISTRY.generation:
