@@ -23,6 +23,7 @@ def report() -> Dict[str, Any]:
 
     from . import __version__
     from ._probe_cache import cache_file, probe_origin
+    from .compiled import report_section
     from .errors import BackendError
     from .probes import PROBES, tolerance_of
     from .registry import REGISTRY
@@ -100,6 +101,7 @@ def report() -> Dict[str, Any]:
         "native": native,
         "problems": REGISTRY.problems(),
         "probe_cache": cache_file(),  # None when ADBACKENDS_NO_CACHE is set
+        "compiled": report_section(),
     }
 
 
@@ -156,6 +158,11 @@ def _format(data: Dict[str, Any]) -> str:
         lines.append(f"fjacrev/fvmap: unavailable: {native['error']}")
     else:
         lines.append(f"fjacrev/fvmap: {native['name']}")
+    if data.get("compiled"):
+        from .compiled import report_lines
+
+        lines.append("")
+        lines.extend(report_lines(data["compiled"]))
     if data["problems"]:
         lines.append("")
         lines.append("Plugin problems:")

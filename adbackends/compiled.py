@@ -464,12 +464,18 @@ _registry_lock = threading.Lock()
 _transforms: List[Any] = []  # weak references to every _Transform
 
 
-def compilations() -> List[Compilation]:
+def compilations(transform: Optional[Callable[..., Any]] = None) -> List[Compilation]:
     """Every variant of every compiled transform in this process, and its state.
 
     Calls that were never compiled for a per-call reason (inside another
     transform, grad-requiring arguments) are listed as one ``"eager"`` row
     per reason, with signature ``"*"``.
+
+    Parameters
+    ----------
+    transform : callable, optional
+        A transform built under the compiled tier (``adbackends.jacrev(f)``):
+        list its variants only.
 
     Examples
     --------
@@ -477,9 +483,12 @@ def compilations() -> List[Compilation]:
     >>> isinstance(adbackends.compilations(), list)
     True
     """
-    with _registry_lock:
-        alive = [ref() for ref in _transforms]
-        _transforms[:] = [ref for ref, t in zip(list(_transforms), alive) if t is not None]
+    if transform is not None:
+        alive = [getattr(transform, "__adbackends_state__", None)]
+    else:
+        with _registry_lock:
+            alive = [ref() for ref in _transforms]
+            _transforms[:] = [ref for ref, t in zip(list(_transforms), alive) if t is not None]
     rows: List[Compilation] = []
     for t in alive:
         if t is None:
@@ -1072,3 +1081,31 @@ def compiled_chain(
         )
     rest = native if len(names) == 2 else chain(names[1:], source)
     return CompiledBackend(native, rest)
+
+
+# -- the report ---------------------------------------------------------------------------
+
+
+def report_section() -> Dict[str, Any]:
+    """What ``python -m adbackends`` shows about the compiled tier (plain data)."""
+    ok, why = support()
+    return {
+        "usable": ok,
+        "reason": why,
+        "settings": {k: v for k, v in vars(settings).items() if k != "tolerance"},
+        "variants": [row._asdict() for row in compilations()],
+    }
+
+
+def report_lines(section: Dict[str, Any]) -> List[str]:
+    """The report's lines for :func:`report_section`'s data."""
+    s = section["settings"]
+    head = "usable" if section["usable"] else "not usable"
+    lines = [
+        f"Compiled tier ({COMPILE}>torch.func>loop, opt-in): {head}: {section['reason']}",
+        f"  compiles after {s['threshold']} calls with one signature; kept when at most "
+        f"{s['margin']}x eager over {s['trials']} timed calls; backend {s['backend']!r}",
+    ]
+    for row in section["variants"]:
+        lines.append(f"  {row['function']} [{row['signature']}]: {row['state']}: {row['reason']}")
+    return lines
