@@ -30,7 +30,7 @@ another transform (a chain's native call, a ``torch.func`` transform, code
 being compiled), in grad mode with an argument that requires grad (the result
 would be differentiated again), where this torch or machine cannot compile
 (:func:`support`), and the patterns that upstream PyTorch gets wrong
-(:data:`UPSTREAM`). :func:`compilations` lists every variant and its state.
+(:data:`UPSTREAM`). :func:`adbackends.compilations` lists every variant and its state.
 
 Nothing here runs at ``import adbackends``; ``torch._dynamo`` is imported at
 the first compilation. No global dynamo or inductor setting is changed: each
@@ -135,7 +135,7 @@ settings = Settings()
 
 
 class Compilation(NamedTuple):
-    """One variant of a compiled transform, as :func:`compilations` lists it.
+    """One variant of a compiled transform, as :func:`adbackends.compilations` lists it.
 
     Attributes
     ----------
@@ -179,7 +179,7 @@ def support() -> Tuple[bool, str]:
     Cheap: the torch version (>= 2.1) and, for inductor on CPU, a C++
     compiler on the ``PATH``. The first real compilation is the rest of the
     check: if it fails for want of a working toolchain, compilation is
-    switched off for the process (see :func:`compilations`).
+    switched off for the process (see :func:`adbackends.compilations`).
     """
     global _support
     found = _support

@@ -184,7 +184,7 @@ def use(
     compile : bool
         Put the compiled tier in front: ``use("torch.func", fallback="loop",
         compile=True)`` is ``use("torch.compile>torch.func>loop")`` (see
-        :mod:`adbackends.compiled`).
+        :doc:`compiled`).
 
     Returns
     -------
