@@ -273,7 +273,8 @@ def _signature(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Optional[
 
     tensor = torch.Tensor
     grad_on = torch.is_grad_enabled()
-    parts: List[Any] = [grad_on]
+    # Global modes that change what a call computes or how it is traced.
+    parts: List[Any] = [(grad_on, torch.is_inference_mode_enabled(), torch.get_default_dtype())]
     needs = False
     if not kwargs and all(type(a) is tensor for a in args):
         for a in args:
@@ -559,6 +560,21 @@ class CompiledBackend(Backend):
     def __repr__(self) -> str:
         return f"<adbackends compiled tier {self.name!r}: then {self.fallback_backend!r}>"
 
+    def explain_compiled(self) -> str:
+        """What :func:`adbackends.explain` adds: what this tier compiles, and whether it can."""
+        ok, why = support()
+        rows = compilations()
+        kept = sum(1 for r in rows if r.state == "compiled")
+        if not ok:
+            rest = self.fallback_backend.name
+            return f"torch.compile is not usable here ({why}): every call runs {rest}"
+        return (
+            f"torch.compile over {self.native_backend.name}'s transforms ({why}) after "
+            f"{settings.threshold} calls with one signature, kept where checked and faster "
+            f"({kept} variant(s) compiled so far; adbackends.compilations() lists each and why), "
+            f"{self.fallback_backend.name} eagerly otherwise"
+        )
+
     # -- the transforms -----------------------------------------------------------------
 
     def jacrev(
@@ -803,7 +819,10 @@ class CompiledBackend(Backend):
         variant.calls += 1
         now = variant.state
         if now == COMPILED:
-            return variant.compiled(*args, **kwargs)  # type: ignore[misc]
+            try:
+                return variant.compiled(*args, **kwargs)  # type: ignore[misc]
+            except Exception as exc:
+                return self._late_failure(state, key, variant, eager, args, kwargs, exc)
         if now == EAGER:
             return eager(*args, **kwargs)
         if now == COUNTING:
@@ -815,7 +834,10 @@ class CompiledBackend(Backend):
             return result
         if now == TRIAL:
             start = time.perf_counter()
-            result = variant.compiled(*args, **kwargs)  # type: ignore[misc]
+            try:
+                result = variant.compiled(*args, **kwargs)  # type: ignore[misc]
+            except Exception as exc:
+                return self._late_failure(state, key, variant, eager, args, kwargs, exc)
             variant.compiled_times.append(time.perf_counter() - start)
             if len(variant.compiled_times) >= settings.trials:
                 self._decide(variant)
@@ -829,6 +851,34 @@ class CompiledBackend(Backend):
             return self._compile_and_check(state, key, variant, eager, target, args, kwargs)
         finally:
             variant.lock.release()
+
+    def _late_failure(
+        self,
+        state: _Transform,
+        key: Any,
+        variant: _Variant,
+        eager: Callable[..., Any],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+        exc: Exception,
+    ) -> Any:
+        """Checked compiled code raised on a later call (a recompilation that failed, say).
+
+        The eager transform answers the call; an error of its own is the
+        caller's. Only when eager succeeds is the compiled code given up.
+        """
+        result = eager(*args, **kwargs)
+        self._fail(
+            state,
+            key,
+            variant,
+            Refusal(
+                "compile_error",
+                f"compiled code raised on a later call: {summarize_exception(exc)}",
+                "select the chain without torch.compile for it",
+            ),
+        )
+        return result
 
     def _per_call(
         self,

@@ -276,7 +276,11 @@ def explain() -> Choice:
     >>> choice.backend.name, choice.source
     ('loop', 'using')
     """
-    return _choose()
+    choice = _choose()
+    said = getattr(choice.backend, "explain_compiled", None)  # the compiled tier's own words
+    if said is not None:
+        choice = choice._replace(reason=f"{choice.reason}; {said()}")
+    return choice
 
 
 def require(*capabilities: str, replace: bool = False) -> Tuple[str, ...]:

@@ -230,6 +230,30 @@ def test_exception_while_compiling_gives_eager_and_is_recorded(
     assert sum(issubclass(w.category, FallbackWarning) for w in caught) == 1
 
 
+def test_compiled_code_failing_later_gives_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: List[int] = []
+
+    def flaky(target: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any) -> Any:
+            calls.append(1)
+            if len(calls) > 2:  # checked, timed, then it breaks
+                raise RuntimeError("recompilation failed")
+            return target(*a)
+
+        return run
+
+    monkeypatch.setattr(compiled, "_compile", flaky)
+    expected = torch.func.jacrev(energy)(x3)
+    with adbackends.using(CHAIN), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        results = [adbackends.jacrev(energy)(x3) for _ in range(6)]
+    for result in results:
+        assert_same(result, expected)
+    assert len(calls) == 3
+    (record,) = adbackends.fallbacks()
+    assert "later call" in record.reason and "recompilation failed" in record.reason
+
+
 def test_graph_break_gives_eager_with_reason() -> None:
     def printing(x: torch.Tensor) -> torch.Tensor:
         print("", end="")  # a graph break: fullgraph=True refuses it
@@ -412,6 +436,16 @@ def test_selection_spellings() -> None:
         adbackends.get("torch.compile>loop")
     with pytest.raises(ValueError, match="not 'auto'"):
         adbackends.use("auto", compile=True)
+
+
+def test_explain_says_what_is_compiled(made: List[Any]) -> None:
+    with adbackends.using(CHAIN):
+        transform = adbackends.jacrev(energy)
+        for _ in range(4):
+            transform(x3)
+        reason = adbackends.explain().reason
+    assert reason.startswith("chosen by") and "1 variant(s) compiled" in reason
+    assert "torch.func>loop eagerly otherwise" in reason
 
 
 def test_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
