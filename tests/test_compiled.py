@@ -422,6 +422,45 @@ def test_four_threads_compile_once(made: List[Any]) -> None:
         assert_same(result, expected)
 
 
+def test_no_global_compiler_setting_changes(made: List[Any]) -> None:
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    before = (dynamo_config.get_config_copy(), inductor_config.get_config_copy())
+    with adbackends.using(CHAIN):
+        for _ in range(4):
+            adbackends.grad(energy)(x3)
+    assert len(made) == 1
+    assert (dynamo_config.get_config_copy(), inductor_config.get_config_copy()) == before
+
+
+def test_asyncio_tasks_keep_their_own_selection(made: List[Any]) -> None:
+    import asyncio
+
+    def other(x: torch.Tensor) -> torch.Tensor:
+        return (torch.sin(W @ x) ** 2).sum()
+
+    async def task(name: str, func: Callable[..., Any]) -> List[Any]:
+        out = []
+        with adbackends.using(name):
+            for _ in range(4):
+                out.append((adbackends.current().name, adbackends.hessian(func)(x3)))
+                await asyncio.sleep(0)
+        return out
+
+    async def both() -> Any:
+        return await asyncio.gather(task(CHAIN, energy), task("torch.func>loop", other))
+
+    compiled_runs, eager_runs = asyncio.run(both())
+    assert {name for name, _ in compiled_runs} == {CHAIN}
+    assert {name for name, _ in eager_runs} == {"torch.func>loop"}
+    for _, h in compiled_runs:
+        assert_same(h, torch.func.hessian(energy)(x3))
+    for _, h in eager_runs:
+        assert_same(h, torch.func.hessian(other)(x3))
+    assert len(made) == 1  # the compiled task's function only
+
+
 def test_selection_spellings() -> None:
     assert adbackends.get(CHAIN).name == CHAIN
     assert adbackends.use("torch.func", fallback="loop", compile=True).name == CHAIN  # type: ignore[union-attr]
