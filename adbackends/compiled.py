@@ -88,9 +88,14 @@ UPSTREAM: Dict[str, str] = {
         "is tried, and a failure is caught by the check"
     ),
     "vmap_of_aux": (
-        "compile(vmap(g)) with jacrev(has_aux=True) in g can change shapes (pytorch#154036)"
+        "compile(vmap(g)) with jacrev(has_aux=True) in g changed shapes (pytorch#154036); "
+        "not reproduced on torch 2.13 without a compile inside the vmap, so it is tried: "
+        "a shape is the same for every call of a signature, and the check compares it"
     ),
-    "trace": "compile(hessian(f)) with torch.trace in f can add a constant (pytorch#190855)",
+    "trace": (
+        "compiled second derivatives of a function calling torch.trace add a constant "
+        "to every entry (pytorch#190855)"
+    ),
 }
 
 
@@ -536,6 +541,10 @@ class _Info(NamedTuple):
     target: Callable[..., Any]  # the native transform this wrapper would compile
 
 
+#: How many derivatives each transform takes (for the torch.trace pattern).
+_DERIVATIVES = {"jacrev": 1, "jacfwd": 1, "grad": 1, "grad_and_value": 1, "hessian": 2}
+
+
 class CompiledBackend(Backend):
     """``torch.compile`` over ``native``'s transforms, with ``rest`` as the eager path.
 
@@ -699,16 +708,18 @@ class CompiledBackend(Backend):
     def _static_refusal(self, transform: str, func: Any) -> Optional[str]:
         """The upstream pattern that rules out compiling ``transform(func)``, if any."""
         info: Optional[_Info] = getattr(func, _MARK, None)
-        if info is None:
-            if transform == "hessian" and _uses(func, "trace"):
-                return UPSTREAM["trace"]
-            return None
-        inner = info.transform
-        if transform == "hessian" and inner == "hessian":
-            return UPSTREAM["hessian_of_hessian"]
-        if transform == "vmap" and inner == "jacrev" and info.args[1]:
-            return UPSTREAM["vmap_of_aux"]
-        if transform == "hessian" and _uses(info.func, "trace"):
+        if info is not None:
+            inner = info.transform
+            if transform == "hessian" and inner == "hessian":
+                return UPSTREAM["hessian_of_hessian"]
+        # Second (or higher) derivatives of a function whose code calls torch.trace.
+        order = _DERIVATIVES.get(transform, 0)
+        innermost = func
+        while info is not None:
+            order += _DERIVATIVES.get(info.transform, 0)
+            innermost = info.func
+            info = getattr(innermost, _MARK, None)
+        if order >= 2 and _uses(innermost, "trace"):
             return UPSTREAM["trace"]
         return None
 
