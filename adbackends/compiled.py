@@ -48,6 +48,7 @@ import types
 from types import FunctionType
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
+from . import fallback as _fallback
 from ._shared import ArgNums, RngState, summarize_exception
 from .backend import Backend, Refusal
 
@@ -520,11 +521,23 @@ def compilations(transform: Optional[Callable[..., Any]] = None) -> List[Compila
     return rows
 
 
+_prune_at = 1024
+
+
 def _track(t: _Transform) -> None:
+    """Remember ``t`` for :func:`compilations`, weakly; dead entries are pruned as it grows.
+
+    A transform built anew on every call (of a lambda defined in a loop) adds
+    one entry per call: the list is pruned whenever it has doubled.
+    """
+    global _prune_at
     import weakref
 
     with _registry_lock:
         _transforms.append(weakref.ref(t))
+        if len(_transforms) >= _prune_at:
+            _transforms[:] = [ref for ref in _transforms if ref() is not None]
+            _prune_at = max(1024, 2 * len(_transforms))
 
 
 # -- the backend ------------------------------------------------------------------------
@@ -805,13 +818,11 @@ class CompiledBackend(Backend):
         args: Tuple[Any, ...],
         kwargs: Dict[str, Any],
     ) -> Any:
-        from .fallback import _memory, _running
-
         if state.failed:
-            if key in _memory:
+            if key in _fallback._memory:
                 return eager(*args, **kwargs)
             self._forget(state)  # forget_fallbacks() since: try again
-        if _running.depth or _inside_transform():
+        if _fallback._running.depth or _inside_transform():
             return self._per_call(state, eager, args, kwargs, UPSTREAM["inside_transform"])
         signature, grad_needed = _signature(args, kwargs)
         if grad_needed:

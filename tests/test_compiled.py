@@ -7,6 +7,7 @@ is the same, a compilation takes a fraction of a second). The cases marked
 
 from __future__ import annotations
 
+import gc
 import threading
 import warnings
 from typing import Any, Callable, Iterator, List
@@ -501,6 +502,15 @@ def test_asyncio_tasks_keep_their_own_selection(made: List[Any]) -> None:
     for _, h in eager_runs:
         assert_same(h, torch.func.hessian(other)(x3))
     assert len(made) == 1  # the compiled task's function only
+
+
+def test_transforms_built_on_every_call_do_not_pile_up() -> None:
+    with adbackends.using(CHAIN):
+        for _ in range(3000):
+            adbackends.jacrev(lambda x: x * 2.0)(x3)  # a new function each time
+    assert len(compiled._transforms) < 3000  # pruned while it grew
+    gc.collect()
+    assert len(adbackends.compilations()) < 100
 
 
 def test_selection_spellings() -> None:
