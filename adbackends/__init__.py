@@ -38,6 +38,7 @@ from ._memory import (
 )
 from ._version import __version__
 from .backend import Backend
+from .compiled import Compilation, compilations
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -70,6 +71,7 @@ __all__ = [
     "CapabilityError",
     "Choice",
     "ChunkChoice",
+    "Compilation",
     "Fallback",
     "FallbackWarning",
     "MemoryWarning",
@@ -79,6 +81,7 @@ __all__ = [
     "__version__",
     "available",
     "chunk_choices",
+    "compilations",
     "current",
     "explain",
     "fallbacks",

@@ -26,6 +26,7 @@ def report() -> Dict[str, Any]:
 
     from . import __version__
     from ._probe_cache import cache_file
+    from .compiled import report_section
     from .errors import BackendError
     from .probes import PROBES, probe_origin, tolerance_of
     from .registry import REGISTRY
@@ -104,6 +105,7 @@ def report() -> Dict[str, Any]:
         "problems": REGISTRY.problems(),
         "probe_cache": cache_file(),  # None when ADBACKENDS_NO_CACHE is set
         "memory": _memory.report(),
+        "compiled": report_section(),
     }
 
 
@@ -161,6 +163,11 @@ def _format(data: Dict[str, Any]) -> str:
     else:
         lines.append(f"fjacrev/fvmap: {native['name']}")
     lines.extend(_memory.format_report(data.get("memory")))
+    if data.get("compiled"):
+        from .compiled import report_lines
+
+        lines.append("")
+        lines.extend(report_lines(data["compiled"]))
     if data["problems"]:
         lines.append("")
         lines.append("Plugin problems:")

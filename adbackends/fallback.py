@@ -760,24 +760,42 @@ class _Attempt:
             running.quiet -= 1
 
     def remember(self, refusal: Refusal, func: Any) -> None:
-        from .probes import probing
-
-        if probing():  # a probe's own functions are not the user's
-            return
         chain = self.chain
-        label = _label(_Marked(self.key, self.transform, func))
-        native, fallback = chain._names
-        if not chain.log.remember(self.key, label, self.transform, chain._names, refusal):
-            return
-        text = (
-            f"{native} cannot {self.transform} {_label(func)} "
-            f"({refusal.reason.rstrip('.')}). This call and later calls of it run on the "
-            f"{fallback} backend instead (adbackends.fallbacks() lists them). To let "
-            f"{native} transform it: {refusal.fix}."
-        )
-        log.info("%s", text)
-        if not chain.log.running.quiet:
-            warnings.warn(text, FallbackWarning, stacklevel=external_stacklevel())
+        record_fallback(chain.log, self.key, self.transform, func, chain._names, refusal)
+
+
+def record_fallback(
+    book: FallbackLog,
+    key: Any,
+    transform: str,
+    func: Any,
+    names: Tuple[str, str],
+    refusal: Refusal,
+) -> None:
+    """Remember that ``transform`` of ``func`` fell back from ``names[0]`` to ``names[1]``.
+
+    The first time for ``key``: one :class:`FallbackWarning` (unless a
+    fallback that has warned already is running) and a line at INFO. A
+    probe's own functions are never recorded. Used by the chains' attempts
+    and by the compiled tier, whose "native" is the compiled code.
+    """
+    from .probes import probing
+
+    if probing():  # a probe's own functions are not the user's
+        return
+    native, fallback = names
+    label = _label(_Marked(key, transform, func))
+    if not book.remember(key, label, transform, names, refusal):
+        return
+    text = (
+        f"{native} cannot {transform} {_label(func)} "
+        f"({refusal.reason.rstrip('.')}). This call and later calls of it run on the "
+        f"{fallback} backend instead (adbackends.fallbacks() lists them). To let "
+        f"{native} transform it: {refusal.fix}."
+    )
+    log.info("%s", text)
+    if not book.running.quiet:
+        warnings.warn(text, FallbackWarning, stacklevel=external_stacklevel())
 
 
 class _Marked:

@@ -180,7 +180,11 @@ def get(name: str) -> Backend:
 
 
 def use(
-    name: Optional[str], *, fallback: Optional[str] = None, max_memory: Any = ...
+    name: Optional[str],
+    *,
+    fallback: Optional[str] = None,
+    max_memory: Any = ...,
+    compile: bool = False,
 ) -> Optional[Backend]:
     """Choose the backend for the whole process; validated at once.
 
@@ -199,6 +203,10 @@ def use(
         Also set the memory limit, as :func:`adbackends.set_max_memory`
         does (``"2GiB"``; ``None`` forgets it). Left out, the limit is
         unchanged.
+    compile : bool
+        Put the compiled tier in front: ``use("torch.func", fallback="loop",
+        compile=True)`` is ``use("torch.compile>torch.func>loop")`` (see
+        :doc:`compiled`).
 
     Returns
     -------
@@ -224,6 +232,8 @@ def use(
             _memory.set_max_memory(max_memory)
         return None
     name = _with_fallback(_check_name(name, "use()"), fallback, "use()")
+    if compile:
+        name = _with_compile(name, "use()")
     backend = _backend_for(name, "use")  # validates before anything changes
     if max_memory is not ...:
         _memory.set_max_memory(max_memory)
@@ -234,7 +244,13 @@ def use(
 
 
 @contextlib.contextmanager
-def using(name: str, *, fallback: Optional[str] = None, max_memory: Any = ...) -> Iterator[Backend]:
+def using(
+    name: str,
+    *,
+    fallback: Optional[str] = None,
+    max_memory: Any = ...,
+    compile: bool = False,
+) -> Iterator[Backend]:
     """Use a backend inside a ``with`` block, for this thread or asyncio task only.
 
     Blocks nest, and leaving one restores exactly what was active before it;
@@ -251,6 +267,8 @@ def using(name: str, *, fallback: Optional[str] = None, max_memory: Any = ...) -
     ('loop', 'loop')
     """
     name = _with_fallback(_check_name(name, "using()"), fallback, "using()")
+    if compile:
+        name = _with_compile(name, "using()")
     if max_memory is not ...:
         _memory.parse_size(max_memory)  # validates before anything changes
     backend = _backend_for(name, "using")
@@ -301,7 +319,11 @@ def explain() -> Choice:
     >>> choice.backend.name, choice.source
     ('loop', 'using')
     """
-    return _choose()
+    choice = _choose()
+    said = getattr(choice.backend, "explain_compiled", None)  # the compiled tier's own words
+    if said is not None:
+        choice = choice._replace(reason=f"{choice.reason}; {said()}")
+    return choice
 
 
 def require(*capabilities: str, replace: bool = False) -> Tuple[str, ...]:
@@ -410,9 +432,22 @@ def _with_fallback(name: str, fallback: Optional[str], source: str) -> str:
     return f"{name}>{fallback}"
 
 
+def _with_compile(name: str, source: str) -> str:
+    if name == AUTO:
+        raise ValueError(
+            f"{source}: compile=True needs the backend to compile named, such as "
+            "use('torch.func', fallback='loop', compile=True), not 'auto'"
+        )
+    return name if name.startswith("torch.compile>") else f"torch.compile>{name}"
+
+
 def _resolve(spec: str, source: str) -> Backend:
     """The backend a name or a chain ``a>b>c`` stands for."""
     if ">" not in spec:
+        if spec == "torch.compile":
+            from .compiled import head_only
+
+            raise head_only(spec, source)
         return REGISTRY.get(spec, source)
     names = tuple(part.strip() for part in spec.split(">"))
     if len(names) < 2 or not all(names) or AUTO in names or len(set(names)) != len(names):
@@ -430,6 +465,14 @@ def _chain(names: Tuple[str, ...], source: str = "") -> Backend:
         return cached
     from .fallback import ChainBackend
 
+    if "torch.compile" in names:
+        from .compiled import compiled_chain
+
+        chain = compiled_chain(names, source, _chain, REGISTRY.get)
+        with state.lock:
+            if state.stamp[0] == REGISTRY.generation:
+                state.chains[names] = chain
+        return chain
     backends = [REGISTRY.get(name, source) for name in names]
     chain = backends[-1]
     for native in reversed(backends[:-1]):
@@ -509,7 +552,7 @@ def _from_env(raw: str) -> Choice:
         else:
             for name in names:  # every name is checked before any is tried
                 for part in name.split(">"):
-                    if part.strip() != AUTO:
+                    if part.strip() not in (AUTO, "torch.compile"):
                         _known(part.strip(), ENV_VAR)
             choice = _first_qualified(names, "env", f"first usable backend in {source}")
         if state.stamp[0] == REGISTRY.generation:

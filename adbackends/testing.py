@@ -85,7 +85,8 @@ def reset_state() -> None:
     probes' answers in memory (:data:`adbackends.probes.STORE`; the file on
     disk is kept), the fallback log with the transforms the chains built
     (:data:`adbackends.fallback.LOG`), the memory limit set for the process
-    with the chunks chosen under it, and the one-time notices. Installed
+    with the chunks chosen under it, the compiled tier's variants and
+    settings, and the one-time notices. Installed
     plugins and loaded backends stay. For tests that need a clean start.
 
     Examples
@@ -97,13 +98,14 @@ def reset_state() -> None:
     >>> adbackends.explain().source
     'auto'
     """
-    from . import _memory, selection
+    from . import _memory, compiled, selection
     from ._shared import NOTICES
     from .fallback import LOG
     from .probes import STORE
 
     selection._reset()
     _memory.reset()
+    compiled.reset()
     STORE.forget()
     LOG.reset()
     NOTICES.reset()
