@@ -274,12 +274,15 @@ def clear_probe_cache(*, forget_loaded: bool = True) -> None:
     >>> import os, tempfile, adbackends
     >>> from adbackends._probe_cache import cache_file
     >>> from adbackends.probes import clear_probe_cache
+    >>> names = ("ADBACKENDS_CACHE_DIR", "ADBACKENDS_NO_CACHE")
+    >>> saved = {k: os.environ.pop(k, None) for k in names}
     >>> os.environ["ADBACKENDS_CACHE_DIR"] = tempfile.mkdtemp()
     >>> _ = adbackends.get("loop").supports("transforms")
     >>> clear_probe_cache()
     >>> os.path.exists(cache_file())
     False
     >>> del os.environ["ADBACKENDS_CACHE_DIR"]
+    >>> os.environ.update({k: v for k, v in saved.items() if v is not None})
     """
     from . import _probe_cache
 
