@@ -1302,14 +1302,13 @@ def auto_backend(backend: Any) -> Any:
     found = _auto_backends.get(id(backend))
     if found is not None and found[0] is backend:
         return found[1]
-    # A chain (fallback.ChainBackend, a higher layer: known by what it has)
-    # is rebuilt of the same type, with both sides automatic.
+    # A link of a chain (fallback.LinkedBackend, a higher layer: known by what
+    # it offers) is rebuilt in front of both sides made automatic.
+    relinked = getattr(backend, "relinked", None)
     native = getattr(backend, "native_backend", None)
     fallback = getattr(backend, "fallback_backend", None)
-    if native is not None and fallback is not None:
-        made: Any = type(backend)(
-            auto_backend(native), auto_backend(fallback), getattr(backend, "log", None)
-        )
+    if relinked is not None and native is not None and fallback is not None:
+        made: Any = relinked(auto_backend(native), auto_backend(fallback))
     else:
         made = _AutoBackend(backend)
     with _lock:

@@ -579,7 +579,7 @@ class _Info(NamedTuple):
 _DERIVATIVES = {"jacrev": 1, "jacfwd": 1, "grad": 1, "grad_and_value": 1, "hessian": 2}
 
 
-class CompiledBackend(Backend):
+class CompiledBackend(_fallback.LinkedBackend):
     """``torch.compile`` over ``native``'s transforms, with ``rest`` as the eager path.
 
     ``rest`` is the rest of the chain (``torch.func>loop``); ``native`` the
@@ -593,6 +593,9 @@ class CompiledBackend(Backend):
         self.fallback_backend = rest
         self.name = f"{COMPILE}>{rest.name}"
         self._names = (COMPILE, rest.name)
+
+    def relinked(self, native: Backend, fallback: Backend) -> CompiledBackend:
+        return CompiledBackend(native, fallback)
 
     @property
     def version(self) -> str:
@@ -722,20 +725,6 @@ class CompiledBackend(Backend):
 
     def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
         return self.fallback_backend.linearize(_eager_of(func), *primals)
-
-    def fjacrev(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
-        """The native backend's, never compiled."""
-        return self.native_backend.fjacrev(*args, **kwargs)
-
-    def fvmap(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
-        """The native backend's, never compiled."""
-        return self.native_backend.fvmap(*args, **kwargs)
-
-    def native(self) -> Backend:
-        return self.native_backend.native()
-
-    def cannot_transform(self, exc: BaseException) -> Optional[Refusal]:
-        return self.fallback_backend.cannot_transform(exc)
 
     # -- the mechanism -------------------------------------------------------------
 

@@ -384,7 +384,39 @@ def _label(func: Any) -> str:
 # -- the chain ------------------------------------------------------------------------------
 
 
-class ChainBackend(Backend):
+class LinkedBackend(Backend):
+    """A backend in front of others: ``native_backend`` first, ``fallback_backend`` after.
+
+    What every link of a chain answers the same way: ``fjacrev``/``fvmap``
+    are the native backend's (they never fall back, nor are compiled), and a
+    refusal is the fallback's to judge, since it ran last.
+    """
+
+    native_backend: Backend
+    fallback_backend: Backend
+
+    def relinked(self, native: Backend, fallback: Backend) -> LinkedBackend:
+        """The same kind of link in front of other backends (``_memory`` wraps both sides)."""
+        raise NotImplementedError
+
+    def fjacrev(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        """The native backend's: ``fjacrev`` never falls back."""
+        return self.native_backend.fjacrev(*args, **kwargs)
+
+    def fvmap(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        """The native backend's: ``fvmap`` never falls back."""
+        return self.native_backend.fvmap(*args, **kwargs)
+
+    def native(self) -> Backend:
+        return self.native_backend.native()
+
+    def cannot_transform(self, exc: BaseException) -> Optional[Refusal]:
+        # As the fallback of another link, this one has already tried its own
+        # fallback; what reaches the outer link is the last word.
+        return self.fallback_backend.cannot_transform(exc)
+
+
+class ChainBackend(LinkedBackend):
     """A native backend with a per-call fallback, selected as ``"native>fallback"``.
 
     Examples
@@ -406,6 +438,9 @@ class ChainBackend(Backend):
         self.log = LOG if log is None else log
         self.name = f"{native.name}>{fallback.name}"
         self._names = (native.name, fallback.name)
+
+    def relinked(self, native: Backend, fallback: Backend) -> ChainBackend:
+        return ChainBackend(native, fallback, self.log)
 
     @property
     def version(self) -> str:
@@ -528,22 +563,6 @@ class ChainBackend(Backend):
 
     def linearize(self, func: Callable[..., Any], *primals: Any) -> Tuple[Any, Callable[..., Any]]:
         return self._now("linearize", func, primals, {})  # type: ignore[no-any-return]
-
-    def fjacrev(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
-        """The native backend's: ``fjacrev`` never falls back."""
-        return self.native_backend.fjacrev(*args, **kwargs)
-
-    def fvmap(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
-        """The native backend's: ``fvmap`` never falls back."""
-        return self.native_backend.fvmap(*args, **kwargs)
-
-    def native(self) -> Backend:
-        return self.native_backend.native()
-
-    def cannot_transform(self, exc: BaseException) -> Optional[Refusal]:
-        # As the fallback of another chain, this chain has already tried its
-        # own fallback; what reaches the outer chain is the last word.
-        return self.fallback_backend.cannot_transform(exc)
 
     # -- the mechanism ------------------------------------------------------------------
 

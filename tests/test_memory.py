@@ -644,3 +644,21 @@ def test_chunk_loop_after_oom_equals_unchunked(case: str) -> None:
     want = want_fn()
     same(got, want)
     same(again, want)
+
+
+def test_every_kind_of_link_is_rebuilt_around_automatic_backends() -> None:
+    """A chain and the compiled tier alike: both sides made automatic, the result unchanged."""
+    from adbackends import compiled
+    from adbackends.fallback import ChainBackend
+
+    loop = adbackends.get("loop")
+    native = adbackends.get(NATIVE)
+    for link in (ChainBackend(native, loop), compiled.CompiledBackend(native, loop)):
+        made = _memory.auto_backend(link)
+        assert type(made) is type(link) and made is not link
+        assert made.native_backend is not native and made.fallback_backend is not loop
+        with adbackends.memory_limit(None):  # no limit: "auto" runs the unchunked transform
+            same(
+                made.jacrev(vector, argnums=(0, 1), chunk_size="auto")(X, Y),
+                tf.jacrev(vector, argnums=(0, 1))(X, Y),
+            )
