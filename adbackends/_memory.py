@@ -49,7 +49,7 @@ import threading
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
-from ._shared import ArgNums, basis_rows, external_stacklevel, normalize_argnums
+from ._shared import ArgNums, basis_rows, batch_size, external_stacklevel, normalize_argnums
 
 __all__ = [
     "ENV_VAR",
@@ -1134,18 +1134,9 @@ class _Vmap(_Chunked):
         flat_dims = _broadcast_to_and_flatten(dims, args_spec)
         if flat_dims is None:
             return whole(*args, **kwargs)
-        sizes = set()
-        for arg, dim in zip(flat_args, flat_dims):
-            if dim is None:
-                continue
-            if not isinstance(arg, torch.Tensor) or not isinstance(dim, int):
-                return whole(*args, **kwargs)
-            if not -arg.dim() <= dim < arg.dim():
-                return whole(*args, **kwargs)
-            sizes.add(arg.size(dim))
-        if len(sizes) != 1:
+        batch = batch_size(flat_args, flat_dims)
+        if batch is None:
             return whole(*args, **kwargs)
-        (batch,) = sizes
         if batch == 0:
             return whole(*args, **kwargs)
         rng = torch.get_rng_state() if self.randomness == "same" else None

@@ -17,6 +17,7 @@ __all__ = [
     "ArgNums",
     "Notices",
     "basis_rows",
+    "batch_size",
     "RngState",
     "check_capability_names",
     "external_stacklevel",
@@ -55,6 +56,27 @@ def basis_rows(flat_output: Sequence[Any], start: int, stop: int) -> List[Any]:
         pieces.append(piece.view((rows, *out.shape)))
         offset += numel
     return pieces
+
+
+def batch_size(flat_args: Sequence[Any], flat_dims: Sequence[Any]) -> Optional[int]:
+    """The one size of the mapped dimension over the batched arguments, or ``None``.
+
+    ``None`` where an argument with a dimension is not a tensor, a dimension
+    is out of range or not an int, or the batched sizes differ or are none:
+    the caller then hands the call to the whole transform, for its own error.
+    """
+    import torch
+
+    sizes = set()
+    for arg, dim in zip(flat_args, flat_dims):
+        if dim is None:
+            continue
+        if not isinstance(arg, torch.Tensor) or not isinstance(dim, int):
+            return None
+        if not -arg.dim() <= dim < arg.dim():
+            return None
+        sizes.add(arg.size(dim))
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 # -- one-time notices -------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, List
 
-from .._shared import ArgNums, basis_rows, normalize_argnums
+from .._shared import ArgNums, basis_rows, batch_size, normalize_argnums
 
 __all__ = ["check_chunk_size", "chunked_jacrev", "chunked_vmap"]
 
@@ -149,18 +149,9 @@ def chunked_vmap(
         flat_dims = _broadcast_to_and_flatten(dims, args_spec) if args else None
         if flat_dims is None:
             return whole(*args, **kwargs)
-        sizes = set()
-        for arg, dim in zip(flat_args, flat_dims):
-            if dim is None:
-                continue
-            if not isinstance(arg, torch.Tensor) or not isinstance(dim, int):
-                return whole(*args, **kwargs)
-            if not -arg.dim() <= dim < arg.dim():
-                return whole(*args, **kwargs)
-            sizes.add(arg.size(dim))
-        if len(sizes) != 1:
-            return whole(*args, **kwargs)  # no batched input, or mismatched sizes
-        (batch,) = sizes
+        batch = batch_size(flat_args, flat_dims)
+        if batch is None:
+            return whole(*args, **kwargs)  # no batched input, mismatched sizes, bad dims
 
         state = torch.get_rng_state() if randomness == "same" else None
         outputs = []
